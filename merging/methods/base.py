@@ -1,0 +1,171 @@
+"""The merge-method contract and the registry (name -> class).
+
+Every method is a class with typed ``__init__`` hyperparameters (so LightningCLI can build
+it from ``class_path``) and one entry point::
+
+    merge(experts, base=None, *, model=None, data=None) -> StateDict
+
+:class:`MergeMethod.merge` validates the inputs once (keys, shapes, dtypes, finite values,
+what the method requires), then walks the state dict **one entry at a time**: floating
+entries of the K experts are stacked to ``(K, *shape)`` in the accumulation dtype (fp32
+for fp16/bf16 inputs) and handed to :meth:`MergeMethod.merge_tensor`; the result is cast
+back to the experts' dtype. Non-float entries (``num_batches_tracked``, integer buffers)
+are not merged: they are copied from the base, or from the first expert without a base.
+Methods that need a pass over the whole model first (global thresholds, M-Loss
+statistics) compute it in :meth:`MergeMethod.prepare`. Peak memory is therefore the
+inputs, the output and a few per-entry buffers, never K flattened copies of the model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from merging.state import (
+    StateDict,
+    accumulation_dtype,
+    check_compatible,
+    is_mergeable,
+)
+
+_REGISTRY: dict[str, type[MergeMethod]] = {}
+
+
+class MergeMethod(ABC):
+    """Base class of every merge method.
+
+    Class attributes:
+        name: registry name (``get_method(name)``).
+        paper: URL of the paper the method implements.
+        requires_base / requires_model / requires_data: what ``merge`` must be given.
+    """
+
+    name: ClassVar[str]
+    paper: ClassVar[str | None] = None
+    requires_base: ClassVar[bool] = False
+    requires_model: ClassVar[bool] = False
+    requires_data: ClassVar[bool] = False
+
+    def merge(
+        self,
+        experts: Sequence[Mapping[str, Tensor]],
+        base: Mapping[str, Tensor] | None = None,
+        *,
+        model: nn.Module | None = None,
+        data: Iterable[Any] | None = None,
+    ) -> StateDict:
+        """Merge K expert state dicts into one.
+
+        Args:
+            experts: θ_1..θ_K, state dicts with identical keys, shapes and dtypes.
+            base: θ₀, the pretrained state dict (required by task-vector methods).
+            model: an ``nn.Module`` skeleton whose ``state_dict()`` keys match the experts
+                (data-dependent methods evaluate it with substituted parameters).
+            data: an iterable of unlabeled input batches (data-dependent methods).
+
+        Returns:
+            The merged state dict, same keys, shapes and dtypes as the experts.
+
+        Raises:
+            ValueError: an input the method needs is missing, or the state dicts are
+                incompatible (the message names the key and, where known, the file).
+        """
+        experts = list(experts)
+        self.check_inputs(experts, base, model, data)
+        check_compatible(experts, base)
+        context = self.prepare(experts, base, model=model, data=data)
+        merged: StateDict = {}
+        for key, ref in experts[0].items():
+            if not is_mergeable(ref):
+                merged[key] = (base if base is not None else experts[0])[key].clone()
+                continue
+            acc = accumulation_dtype(ref.dtype)
+            stacked = torch.stack([e[key].to(acc) for e in experts])
+            base_t = base[key].to(acc) if base is not None else None
+            merged[key] = self.merge_tensor(key, stacked, base_t, context).to(ref.dtype)
+        return merged
+
+    def check_inputs(
+        self,
+        experts: Sequence[Mapping[str, Tensor]],
+        base: Mapping[str, Tensor] | None,
+        model: nn.Module | None,
+        data: Iterable[Any] | None,
+    ) -> None:
+        """Raise ``ValueError`` naming what this method needs and was not given."""
+        if len(experts) == 0:
+            raise ValueError(f"{self.name}: no experts given; merging needs at least one expert state dict")
+        missing = [
+            what
+            for what, needed, given in (
+                ("base (the pretrained state dict θ₀)", self.requires_base, base),
+                ("model (an nn.Module skeleton of the experts)", self.requires_model, model),
+                ("data (an iterable of unlabeled input batches)", self.requires_data, data),
+            )
+            if needed and given is None
+        ]
+        if missing:
+            raise ValueError(f"{self.name} needs {' and '.join(missing)}, which was not given")
+
+    def prepare(
+        self,
+        experts: Sequence[Mapping[str, Tensor]],
+        base: Mapping[str, Tensor] | None,
+        *,
+        model: nn.Module | None = None,
+        data: Iterable[Any] | None = None,
+    ) -> Any:
+        """Whole-model pass before the per-entry merge (thresholds, statistics). Default: none."""
+        return None
+
+    @abstractmethod
+    def merge_tensor(self, key: str, experts: Tensor, base: Tensor | None, context: Any) -> Tensor:
+        """Merge one entry.
+
+        Args:
+            key: the state-dict key.
+            experts: the K experts' values of this entry, shape ``(K, *shape)``.
+            base: θ₀'s value, shape ``shape``, or None.
+            context: what :meth:`prepare` returned.
+
+        Returns:
+            The merged value, shape ``shape``.
+        """
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Class decorator: make ``cls`` reachable as ``get_method(cls.name)``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"merge method name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Names of every registered merge method, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str, **hparams: Any) -> MergeMethod:
+    """Build a registered merge method by name.
+
+    Args:
+        name: a name from :func:`available_methods`.
+        **hparams: the method's ``__init__`` arguments.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown merge method {name!r}; available: {', '.join(available_methods())}") from None
+    return cls(**hparams)

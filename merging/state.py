@@ -1,0 +1,170 @@
+"""State-dict algebra shared by every merge method.
+
+A state dict here is a plain ``dict[str, Tensor]``. Floating-point entries are merged;
+every other entry (``num_batches_tracked``, integer or bool buffers) is not merged: it
+is copied from the base model, or from the first expert when there is no base.
+
+One compatibility policy is used everywhere (:func:`check_compatible`): the same keys,
+shapes and dtypes in every state dict, and finite floating-point values. Its errors name
+the offending key and, where known, the file the state dict came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+StateDict = dict[str, Tensor]
+
+
+class StateDictError(ValueError):
+    """A state dict is malformed or incompatible with the others it is merged with."""
+
+
+class SourcedStateDict(dict):
+    """A ``dict[str, Tensor]`` that remembers where it was loaded from (for error messages)."""
+
+    def __init__(self, *args, source: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.source = source
+
+
+def describe(state: Mapping[str, Tensor], default: str) -> str:
+    """A human name for ``state``: its file when known, else ``default`` (e.g. ``"expert 2"``)."""
+    source = getattr(state, "source", None)
+    return f"{default} ({source})" if source else default
+
+
+def is_mergeable(tensor: Tensor) -> bool:
+    """Whether an entry is merged (floating point) rather than copied (integer/bool buffers)."""
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype merge arithmetic runs in: fp32 for half-precision inputs, else the input's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_finite(tensor: Tensor, key: str, owner: str) -> None:
+    """Raise :class:`StateDictError` if a floating tensor holds NaN or inf."""
+    if is_mergeable(tensor) and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise StateDictError(f"{owner}: key {key!r} has {bad} non-finite value(s) (NaN or inf)")
+
+
+def check_state_dict(state: Mapping[str, Tensor], owner: str = "state dict") -> None:
+    """Check that ``state`` maps strings to tensors, with finite floating values.
+
+    Raises:
+        StateDictError: naming the first offending key.
+    """
+    if not isinstance(state, Mapping):
+        raise StateDictError(f"{owner} is a {type(state).__name__}, not a mapping of names to tensors")
+    if len(state) == 0:
+        raise StateDictError(f"{owner} is empty")
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise StateDictError(f"{owner}: key {key!r} is not a string")
+        if not isinstance(value, Tensor):
+            raise StateDictError(f"{owner}: key {key!r} holds a {type(value).__name__}, not a tensor")
+        check_finite(value, key, owner)
+
+
+def check_compatible(
+    experts: Sequence[Mapping[str, Tensor]],
+    base: Mapping[str, Tensor] | None = None,
+    *,
+    check_values: bool = True,
+) -> None:
+    """Check that experts (and the base) share keys, shapes and dtypes, with finite values.
+
+    Args:
+        experts: the K expert state dicts θ_1..θ_K.
+        base: the pretrained state dict θ₀, if any.
+        check_values: also scan every floating tensor for NaN/inf (one pass over the data).
+
+    Raises:
+        StateDictError: naming the offending key and the state dict (file when known).
+    """
+    if len(experts) == 0:
+        raise StateDictError("no experts given: merging needs at least one expert state dict")
+    named = [(describe(e, f"expert {j}"), e) for j, e in enumerate(experts)]
+    if base is not None:
+        named.insert(0, (describe(base, "base"), base))
+    ref_name, ref = named[0]
+    for name, state in named:
+        if not isinstance(state, Mapping):
+            raise StateDictError(f"{name} is a {type(state).__name__}, not a mapping of names to tensors")
+    ref_keys = set(ref.keys())
+    if not ref_keys:
+        raise StateDictError(f"{ref_name} is empty")
+    for name, state in named[1:]:
+        keys = set(state.keys())
+        if keys != ref_keys:
+            missing = sorted(ref_keys - keys)
+            extra = sorted(keys - ref_keys)
+            parts = []
+            if missing:
+                parts.append(f"missing keys {_preview(missing)}")
+            if extra:
+                parts.append(f"unexpected keys {_preview(extra)}")
+            raise StateDictError(f"{name} does not match {ref_name}: " + "; ".join(parts))
+    for key in ref.keys():
+        ref_t = ref[key]
+        if not isinstance(ref_t, Tensor):
+            raise StateDictError(f"{ref_name}: key {key!r} holds a {type(ref_t).__name__}, not a tensor")
+        for name, state in named[1:]:
+            t = state[key]
+            if not isinstance(t, Tensor):
+                raise StateDictError(f"{name}: key {key!r} holds a {type(t).__name__}, not a tensor")
+            if t.shape != ref_t.shape:
+                raise StateDictError(
+                    f"{name}: key {key!r} has shape {tuple(t.shape)}, but {ref_name} has {tuple(ref_t.shape)}"
+                )
+            if t.dtype != ref_t.dtype:
+                raise StateDictError(f"{name}: key {key!r} has dtype {t.dtype}, but {ref_name} has {ref_t.dtype}")
+        if check_values:
+            for name, state in named:
+                check_finite(state[key], key, name)
+
+
+def _preview(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)} in all)"
+
+
+def mergeable_keys(state: Mapping[str, Tensor]) -> list[str]:
+    """Keys of the floating-point entries, in the state dict's order."""
+    return [k for k, v in state.items() if is_mergeable(v)]
+
+
+def stack_entry(experts: Sequence[Mapping[str, Tensor]], key: str, dtype: torch.dtype | None = None) -> Tensor:
+    """Stack one entry of every expert on a new leading axis: shape ``(K, *shape)``."""
+    return torch.stack([e[key].to(dtype) if dtype is not None else e[key] for e in experts])
+
+
+def task_vector(expert: Mapping[str, Tensor], base: Mapping[str, Tensor]) -> StateDict:
+    """τ = θ − θ₀ over the floating-point entries (non-float entries are left out)."""
+    return {k: expert[k] - base[k] for k in mergeable_keys(base)}
+
+
+def task_vectors(experts: Iterable[Mapping[str, Tensor]], base: Mapping[str, Tensor]) -> list[StateDict]:
+    """τ_j = θ_j − θ₀ for every expert."""
+    return [task_vector(e, base) for e in experts]
+
+
+def apply_task_vector(base: Mapping[str, Tensor], tau: Mapping[str, Tensor], scaling: float = 1.0) -> StateDict:
+    """θ₀ + λ·τ; entries absent from ``tau`` (non-float buffers) are copied from ``base``."""
+    return {k: (v + scaling * tau[k]).to(v.dtype) if k in tau else v.clone() for k, v in base.items()}
+
+
+def num_parameters(state: Mapping[str, Tensor]) -> int:
+    """Number of floating-point entries (scalars) in a state dict."""
+    return sum(v.numel() for v in state.values() if is_mergeable(v))
+
+
+def num_bytes(state: Mapping[str, Tensor]) -> int:
+    """Bytes held by the tensors of a state dict."""
+    return sum(v.numel() * v.element_size() for v in state.values())
