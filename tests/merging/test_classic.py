@@ -1,0 +1,280 @@
+"""Classic merges: spec worked examples, properties, and agreement with naive definitions."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from merging.methods import available_methods, get_method
+from merging.methods.classic import (
+    Dare,
+    TiesMerging,
+    disjoint_mean,
+    elect_sign,
+    global_magnitude_thresholds,
+    trim_to_density,
+)
+
+
+def random_states(k: int, seed: int = 0, dtype=torch.float32, scale: float = 0.1):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a.weight": (16, 8), "a.bias": (16,), "b.weight": (4, 16), "conv": (3, 2, 3, 3)}
+    base = {n: torch.randn(s, generator=g).to(dtype) for n, s in shapes.items()}
+    base["bn.num_batches_tracked"] = torch.tensor(7)
+    experts = []
+    for j in range(k):
+        e = {n: (v + scale * torch.randn(v.shape, generator=g).to(dtype)) if v.is_floating_point() else v + j + 1 for n, v in base.items()}
+        experts.append(e)
+    return experts, base
+
+
+# ---------------------------------------------------------------- naive references
+
+
+def naive_ties(experts, base, density, scaling):
+    """The papers' definitions, element by element on one flattened task vector per expert."""
+    keys = [k for k, v in base.items() if v.is_floating_point()]
+    taus = [torch.cat([(e[k] - base[k]).flatten() for k in keys]).tolist() for e in experts]
+    n_total = len(taus[0])
+    n_keep = int(density * n_total + 1e-9)
+    trimmed = []
+    for tau in taus:
+        if n_keep == 0:
+            trimmed.append([0.0] * n_total)
+            continue
+        thr = sorted((abs(x) for x in tau), reverse=True)[n_keep - 1]
+        trimmed.append([x if abs(x) >= thr else 0.0 for x in tau])
+    merged = []
+    for i in range(n_total):
+        col = [t[i] for t in trimmed]
+        sign = 1.0 if sum(col) >= 0 else -1.0
+        agree = [x for x in col if x * sign > 0]
+        merged.append(sum(agree) / len(agree) if agree else 0.0)
+    out, offset = {}, 0
+    for k in keys:
+        n = base[k].numel()
+        out[k] = base[k] + scaling * torch.tensor(merged[offset : offset + n]).reshape(base[k].shape)
+        offset += n
+    return out
+
+
+# ---------------------------------------------------------------- worked examples
+
+
+def test_spec_worked_example_elect_and_disjoint_mean():
+    trimmed = torch.tensor([[0.5, -0.25, 0, 0.25], [-0.25, -0.25, 0, -0.25], [0.25, 0.5, 0, 0]])
+    sign = elect_sign(trimmed)
+    assert sign.tolist() == [1, 1, 1, 1]
+    assert disjoint_mean(trimmed, sign).tolist() == [0.375, 0.5, 0.0, 0.25]
+
+
+def test_spec_worked_example_trim_keeps_ties():
+    x = torch.tensor([[0.1, -0.5, 0.3, -0.3, 0.05]])
+    assert torch.equal(trim_to_density(x, 0.4), torch.tensor([[0.0, -0.5, 0.3, -0.3, 0.0]]))
+
+
+def test_registry_lists_classic_methods_and_rejects_unknown():
+    assert {"average", "task_arithmetic", "ties", "dare"} <= set(available_methods())
+    with pytest.raises(ValueError, match="unknown merge method 'nope'.*average"):
+        get_method("nope")
+
+
+# ---------------------------------------------------------------- agreement with naive
+
+
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.2, 0.5, 1.0])
+def test_global_ties_matches_naive_definition(density):
+    experts, base = random_states(3, seed=1)
+    merged = get_method("ties", density=density, scaling=0.7).merge(experts, base)
+    ref = naive_ties(experts, base, density, 0.7)
+    for k, v in ref.items():
+        torch.testing.assert_close(merged[k], v, atol=1e-6, rtol=1e-6)
+
+
+def test_global_threshold_exact_with_sampling_path():
+    # Large enough that the strided-sample bracket is used (sample_target small).
+    g = torch.Generator().manual_seed(3)
+    base = {f"w{i}": torch.zeros(300, 70) for i in range(5)}
+    experts = [{k: torch.randn(v.shape, generator=g) ** 3 for k, v in base.items()} for _ in range(3)]
+    keys = list(base)
+    thr = global_magnitude_thresholds(experts, base, keys, 0.13, sample_target=2000)
+    for j, e in enumerate(experts):
+        flat = torch.cat([e[k].flatten() for k in keys]).abs()
+        n = int(0.13 * flat.numel())
+        assert thr[j] == torch.sort(flat, descending=True).values[n - 1]
+
+
+def test_global_threshold_exact_when_bracket_misses():
+    # Constant blocks defeat a strided sample; the widening pass must still be exact.
+    base = {"w": torch.zeros(100, 100), "v": torch.zeros(50, 100)}
+    e = {"w": torch.ones(100, 100), "v": torch.arange(5000.0).reshape(50, 100) + 2}
+    thr = global_magnitude_thresholds([e], base, ["w", "v"], 0.5, sample_target=100)
+    flat = torch.cat([e["w"].flatten(), e["v"].flatten()])
+    assert thr[0] == torch.sort(flat, descending=True).values[int(0.5 * flat.numel()) - 1]
+
+
+def test_task_arithmetic_matches_definition():
+    experts, base = random_states(4, seed=2)
+    merged = get_method("task_arithmetic", scaling=0.3).merge(experts, base)
+    for k, v in base.items():
+        if v.is_floating_point():
+            expected = v + 0.3 * sum(e[k] - v for e in experts)
+            torch.testing.assert_close(merged[k], expected)
+        else:
+            assert torch.equal(merged[k], v)  # non-float buffers copied from the base
+
+
+def test_weighted_average_normalises_weights():
+    experts, _ = random_states(2, seed=4)
+    merged = get_method("average", weights=[1.0, 3.0]).merge(experts)
+    torch.testing.assert_close(merged["a.weight"], 0.25 * experts[0]["a.weight"] + 0.75 * experts[1]["a.weight"])
+    # Without a base, non-float entries come from the first expert.
+    assert torch.equal(merged["bn.num_batches_tracked"], experts[0]["bn.num_batches_tracked"])
+
+
+def test_dare_task_arithmetic_matches_manual_drop():
+    experts, base = random_states(2, seed=5)
+    method = Dare(drop_rate=0.5, seed=11, scaling=1.0)
+    merged = method.merge(experts, base)
+    from merging.methods.classic import dare_drop, entry_generator
+
+    for k, v in base.items():
+        if not v.is_floating_point():
+            continue
+        tau = torch.stack([e[k] for e in experts]) - v
+        dropped = dare_drop(tau, 0.5, entry_generator(11, k))
+        torch.testing.assert_close(merged[k], v + dropped.sum(0))
+        kept = (dropped != 0).float().mean().item()
+        assert 0.2 < kept < 0.8
+
+
+# ---------------------------------------------------------------- properties
+
+
+@pytest.mark.parametrize(
+    "name,hparams",
+    [
+        ("average", {}),
+        ("task_arithmetic", {"scaling": 1 / 3}),
+        ("ties", {"density": 1.0}),
+        ("ties", {"density": 1.0, "scope": "tensor"}),
+        ("dare", {"drop_rate": 0.0, "scaling": 1 / 3}),
+        ("dare", {"drop_rate": 0.0, "combine": "ties"}),
+    ],
+)
+def test_identical_experts_merge_to_themselves(name, hparams):
+    # Settings under which K identical experts must give back that expert exactly.
+    experts, base = random_states(1, seed=6)
+    expert = experts[0]
+    merged = get_method(name, **hparams).merge([expert, expert, expert], base)
+    for k, v in expert.items():
+        torch.testing.assert_close(merged[k], v if v.is_floating_point() else base[k])
+
+
+@pytest.mark.parametrize("name", ["average", "ties"])
+def test_single_expert(name):
+    experts, base = random_states(1, seed=7)
+    method = get_method(name, density=1.0) if name == "ties" else get_method(name)
+    merged = method.merge(experts, base)
+    torch.testing.assert_close(merged["a.weight"], experts[0]["a.weight"])
+
+
+@pytest.mark.parametrize("name,hparams", [("average", {}), ("task_arithmetic", {}), ("ties", {"density": 0.3}), ("ties", {"scope": "tensor"})])
+def test_expert_order_does_not_matter(name, hparams):
+    experts, base = random_states(3, seed=8)
+    method = get_method(name, **hparams)
+    ref = method.merge(experts, base)
+    for perm in itertools.permutations(range(3)):
+        out = method.merge([experts[i] for i in perm], base)
+        for k in ref:
+            torch.testing.assert_close(out[k], ref[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name", ["average", "task_arithmetic", "ties", "dare"])
+def test_dtype_kept(name, dtype):
+    experts, base = random_states(2, seed=9, dtype=dtype)
+    merged = get_method(name).merge(experts, base)
+    for k, v in base.items():
+        assert merged[k].dtype == v.dtype, k
+
+
+def test_dare_seeded_repeatable_and_seed_sensitive():
+    experts, base = random_states(3, seed=10)
+    a = Dare(drop_rate=0.7, seed=1).merge(experts, base)
+    b = Dare(drop_rate=0.7, seed=1).merge(experts, base)
+    c = Dare(drop_rate=0.7, seed=2).merge(experts, base)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["a.weight"], c["a.weight"])
+
+
+def test_dare_global_ties_threshold_sees_the_same_drop():
+    experts, base = random_states(3, seed=12)
+    method = Dare(drop_rate=0.5, seed=3, combine="ties", density=0.4)
+    merged = method.merge(experts, base)
+    from merging.methods.classic import dare_drop, entry_generator
+
+    dropped = [
+        {k: (dare_drop(torch.stack([e[k] for e in experts]) - v, 0.5, entry_generator(3, k))[j] + v) if v.is_floating_point() else v for k, v in base.items()}
+        for j in range(3)
+    ]
+    ref = naive_ties(dropped, base, 0.4, 1.0)
+    for k, v in ref.items():
+        torch.testing.assert_close(merged[k], v, atol=1e-6, rtol=1e-6)
+
+
+def test_global_and_tensor_scope_agree_with_one_tensor():
+    g = torch.Generator().manual_seed(13)
+    base = {"w": torch.randn(20, 10, generator=g)}
+    experts = [{"w": base["w"] + torch.randn(20, 10, generator=g)} for _ in range(3)]
+    a = TiesMerging(density=0.3, scope="global").merge(experts, base)
+    b = TiesMerging(density=0.3, scope="tensor").merge(experts, base)
+    torch.testing.assert_close(a["w"], b["w"])
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare"])
+def test_missing_base_is_named(name):
+    experts, _ = random_states(2)
+    with pytest.raises(ValueError, match="needs base"):
+        get_method(name).merge(experts)
+
+
+def test_empty_expert_list():
+    with pytest.raises(ValueError, match="no experts"):
+        get_method("average").merge([])
+
+
+def test_mismatched_keys_shape_dtype_and_nonfinite_are_named():
+    experts, base = random_states(2)
+    bad = dict(experts[1])
+    del bad["a.bias"]
+    with pytest.raises(ValueError, match=r"expert 1 .*missing keys \['a.bias'\]"):
+        get_method("average").merge([experts[0], bad])
+    bad = dict(experts[1], **{"a.bias": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"expert 1: key 'a.bias' has shape \(3,\)"):
+        get_method("average").merge([experts[0], bad])
+    bad = dict(experts[1], **{"a.bias": experts[1]["a.bias"].double()})
+    with pytest.raises(ValueError, match=r"key 'a.bias' has dtype torch.float64"):
+        get_method("average").merge([experts[0], bad])
+    bad = dict(experts[1])
+    bad["b.weight"] = bad["b.weight"].clone()
+    bad["b.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"expert 1: key 'b.weight' has 1 non-finite"):
+        get_method("ties").merge([experts[0], bad], base)
+
+
+@pytest.mark.parametrize("kwargs", [{"density": 1.5}, {"density": -0.1}, {"scope": "layer"}])
+def test_bad_hyperparameters(kwargs):
+    with pytest.raises(ValueError):
+        TiesMerging(**kwargs)
+
+
+def test_weight_count_must_match_experts():
+    experts, _ = random_states(3)
+    with pytest.raises(ValueError, match="2 weights given for 3 experts"):
+        get_method("average", weights=[1.0, 1.0]).merge(experts)
