@@ -49,7 +49,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def check_finite(tensor: Tensor, key: str, owner: str) -> None:
     """Raise :class:`StateDictError` if a floating tensor holds NaN or inf."""
-    if is_mergeable(tensor) and not bool(torch.isfinite(tensor).all()):
+    if not is_mergeable(tensor) or tensor.numel() == 0:
+        return
+    # A NaN or inf makes the sum non-finite, and a reduction allocates nothing; only a
+    # non-finite sum (a real NaN/inf, or finite values overflowing) needs the exact scan.
+    if bool(torch.isfinite(tensor.sum())):
+        return
+    if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise StateDictError(f"{owner}: key {key!r} has {bad} non-finite value(s) (NaN or inf)")
 

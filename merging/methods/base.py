@@ -79,15 +79,45 @@ class MergeMethod(ABC):
         check_compatible(experts, base)
         context = self.prepare(experts, base, model=model, data=data)
         merged: StateDict = {}
+        chunk = self.chunk_size()
         for key, ref in experts[0].items():
             if not is_mergeable(ref):
                 merged[key] = (base if base is not None else experts[0])[key].clone()
-                continue
-            acc = accumulation_dtype(ref.dtype)
-            stacked = torch.stack([e[key].to(acc) for e in experts])
-            base_t = base[key].to(acc) if base is not None else None
-            merged[key] = self.merge_tensor(key, stacked, base_t, context).to(ref.dtype)
+            elif chunk is None:
+                acc = accumulation_dtype(ref.dtype)
+                stacked = torch.stack([e[key].to(acc) for e in experts])
+                base_t = base[key].to(acc) if base is not None else None
+                merged[key] = self.merge_tensor(key, stacked, base_t, context).to(ref.dtype)
+            else:
+                merged[key] = self._merge_chunked(key, experts, base, context, chunk)
         return merged
+
+    def _merge_chunked(self, key, experts, base, context, chunk: int) -> Tensor:
+        """Elementwise methods: merge an entry in flat slices of ``chunk`` entries per expert,
+        so every intermediate stays cache-sized and no ``(K, *shape)`` copy is made."""
+        ref = experts[0][key]
+        acc = accumulation_dtype(ref.dtype)
+        flats = [e[key].reshape(-1) for e in experts]
+        flat_base = base[key].reshape(-1) if base is not None else None
+        out = torch.empty(ref.numel(), dtype=ref.dtype, device=ref.device)
+        buffer = torch.empty(len(experts), min(chunk, ref.numel()), dtype=acc, device=ref.device)
+        for start in range(0, ref.numel(), chunk):
+            stop = min(start + chunk, ref.numel())
+            stacked = buffer[:, : stop - start]
+            for j, flat in enumerate(flats):
+                stacked[j].copy_(flat[start:stop])
+            base_t = flat_base[start:stop].to(acc) if flat_base is not None else None
+            out[start:stop] = self.merge_tensor(key, stacked, base_t, context)
+        return out.reshape(ref.shape)
+
+    def chunk_size(self) -> int | None:
+        """Entries per expert in one slice for elementwise methods, or None.
+
+        A method whose :meth:`merge_tensor` acts entry by entry (given what :meth:`prepare`
+        computed) returns a size here; ``merge`` then hands it flat ``(K, chunk)`` slices
+        instead of whole ``(K, *shape)`` entries. Default: None (whole entries).
+        """
+        return None
 
     def check_inputs(
         self,
@@ -128,8 +158,10 @@ class MergeMethod(ABC):
 
         Args:
             key: the state-dict key.
-            experts: the K experts' values of this entry, shape ``(K, *shape)``.
-            base: θ₀'s value, shape ``shape``, or None.
+            experts: the K experts' values of this entry, shape ``(K, *shape)`` (or a flat
+                slice ``(K, chunk)`` when :meth:`chunk_size` is set). The tensor is a fresh
+                buffer owned by the call: it may be modified in place.
+            base: θ₀'s value, shape ``shape`` (or ``(chunk,)``), or None.
             context: what :meth:`prepare` returned.
 
         Returns:
