@@ -1,0 +1,27 @@
+"""LightningDataModules for multi-task fine-tuning and merging.
+
+- :class:`MultiTaskDataModule`: any list of labelled :class:`Task` objects, split with a
+  seeded generator; a combined multi-task train loader, one val/test loader per task, and a
+  small mixed ``unlabeled_dataloader()``.
+- :class:`DigitsTasks`: the embedded default, class groups of scikit-learn's bundled digits.
+- :class:`FashionMNISTTasks`: class groups of Fashion-MNIST from local IDX files (Debian's
+  ``dataset-fashion-mnist`` package works as is).
+- :class:`VisionTasks`: one task per torchvision dataset under a local root, no download by default.
+
+This package depends on no model code.
+"""
+
+from datamodules.digits import DigitsTasks
+from datamodules.fashion_mnist import FashionMNISTTasks
+from datamodules.multitask import LabelledTensorDataset, MultiTaskDataModule, Task
+from datamodules.vision import VISION_DATASETS, VisionTasks
+
+__all__ = [
+    "VISION_DATASETS",
+    "DigitsTasks",
+    "FashionMNISTTasks",
+    "LabelledTensorDataset",
+    "MultiTaskDataModule",
+    "Task",
+    "VisionTasks",
+]

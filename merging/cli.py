@@ -1,0 +1,31 @@
+"""The ``merging`` console script: LightningCLI over every LightningModule and DataModule.
+
+    merging fit --config configs/experts/digits_pretrain.yaml   # θ₀
+    merging fit --config configs/experts/digits.yaml            # K experts -> bundle
+    merging test --config configs/merge/ties.yaml               # merge + evaluate
+
+Any LightningModule / LightningDataModule is selected by ``class_path`` (subclass mode), so
+the modules of this project and a user's own are configured the same way.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+
+class MergingCLI(LightningCLI):
+    """LightningCLI with this project's defaults (configs are overwritten, not refused, on re-runs)."""
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``merging`` script."""
+    MergingCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""The main job (``make demo``): pretrain, fine-tune K experts, merge with every method,
+and compare with the experts and their ensemble, over several seeds.
+
+On the embedded default (:class:`~datamodules.DigitsTasks`, scikit-learn's digits split
+into class groups), per seed:
+
+1. pretrain a small CNN backbone on the first task (θ₀);
+2. fine-tune K = 4 experts jointly from θ₀, expert t on task t (``MultiExpertModule``);
+3. evaluate the ensemble, each expert alone, and every registered merge method
+   (``MergedModule``), each task read by its own head.
+
+Prints one table (mean ± sd over seeds) and writes it as CSV, JSON and Markdown, plus a
+plot, to ``runs/demo/``. Run ``python -m merging.demo --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import statistics
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from datamodules import DigitsTasks
+from merging.io import write_atomic, write_text_atomic
+from merging.methods import available_methods, get_method
+from merging.modules import EnsembleModule, MergedModule, MultiExpertModule, PretrainModule
+
+#: Hyperparameters of each method in the demo (defaults of the papers unless noted).
+DEMO_METHODS: dict[str, dict[str, Any]] = {
+    "average": {},
+    "task_arithmetic": {"scaling": 0.3},
+    "ties": {"density": 0.2, "scaling": 1.0},
+    "dare": {"drop_rate": 0.9, "scaling": 0.3},
+}
+
+
+def _trainer(**kwargs: Any) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def run_seed(seed: int, out: Path, args: argparse.Namespace, methods: dict[str, dict[str, Any]], step) -> list[dict]:
+    """One seed of the pipeline; returns one result row per evaluated model."""
+    pl.seed_everything(seed, verbose=False)
+    run_dir = out / f"seed_{seed}"
+    data = DigitsTasks(seed=seed, batch_size=args.batch_size)
+    backbone_kwargs = {"width": args.width}
+
+    pretrain = PretrainModule(backbone_kwargs=backbone_kwargs, export_path=str(run_dir / "base.safetensors"))
+    _trainer(max_epochs=args.pretrain_epochs, limit_val_batches=0).fit(pretrain, data)
+    step("pretrained")
+
+    experts = MultiExpertModule(
+        backbone_kwargs=backbone_kwargs,
+        base_checkpoint=str(run_dir / "base.safetensors"),
+        lr=args.lr,
+        export_dir=str(run_dir / "experts"),
+    )
+    _trainer(max_epochs=args.expert_epochs, limit_val_batches=0).fit(experts, data)
+    step("experts fine-tuned")
+
+    bundle_dir = str(run_dir / "experts")
+    rows = []
+
+    def evaluate(label: str, module) -> None:
+        _trainer().test(module, data, verbose=False)
+        rows.append({"model": label, "seed": seed, **module.results})
+
+    evaluate("ensemble", EnsembleModule(bundle_dir))
+    for j, name in enumerate(data.task_names):
+        evaluate(f"expert {j} ({name})", EnsembleModule(bundle_dir, members=[j]))
+    step("ensemble and experts evaluated")
+    for name, hparams in methods.items():
+        evaluate(name, MergedModule(bundle_dir, method=get_method(name, **hparams), seed=seed))
+        step(f"merged: {name}")
+    return rows
+
+
+def summarise(rows: list[dict], task_names: list[str]) -> list[dict]:
+    """Mean and sd over seeds of every metric, per model, in first-seen model order."""
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_model[row["model"]].append(row)
+    summary = []
+    for model, group in by_model.items():
+        entry: dict[str, Any] = {"model": model, "seeds": len(group)}
+        columns = [f"test/acc/{t}" for t in task_names] + ["test/acc_mean", "test/merge_seconds"]
+        for col in columns:
+            values = [r[col] for r in group if col in r]
+            if values:
+                entry[col] = statistics.fmean(values)
+                entry[col + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        gaps = [r["test/acc_mean"] - e["test/acc_mean"] for r, e in zip(group, by_model["ensemble"])]
+        entry["gap_to_ensemble"] = statistics.fmean(gaps)
+        entry["gap_to_ensemble_sd"] = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def _pm(entry: dict, key: str, scale: float = 100.0, digits: int = 1) -> str:
+    if key not in entry:
+        return "-"
+    return f"{entry[key] * scale:.{digits}f} ± {entry[key + '_sd'] * scale:.{digits}f}"
+
+
+def render(summary: list[dict], task_names: list[str]) -> tuple[Table, str]:
+    """The summary as a rich table and as Markdown."""
+    headers = ["model", *task_names, "mean acc (%)", "gap to ensemble (pts)", "merge time (s)"]
+    table = Table(title="Digits class-split tasks: accuracy % (mean ± sd over seeds)")
+    for h in headers:
+        table.add_column(h, justify="left" if h == "model" else "right")
+    md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for e in summary:
+        cells = [
+            e["model"],
+            *[_pm(e, f"test/acc/{t}") for t in task_names],
+            _pm(e, "test/acc_mean"),
+            _pm(e, "gap_to_ensemble"),
+            _pm(e, "test/merge_seconds", scale=1.0, digits=3),
+        ]
+        table.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
+    return table, "\n".join(md) + "\n"
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    """Bar chart of mean accuracy ± sd per model, the ensemble as a reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [e["model"] for e in summary]
+    means = [100 * e["test/acc_mean"] for e in summary]
+    sds = [100 * e["test/acc_mean_sd"] for e in summary]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(labels)), 4))
+    colors = ["tab:gray" if l.startswith("expert") else "tab:green" if l == "ensemble" else "tab:blue" for l in labels]
+    ax.bar(range(len(labels)), means, yerr=sds, color=colors, capsize=3)
+    ax.axhline(means[0], color="tab:green", linestyle="--", linewidth=1, label="ensemble")
+    ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
+    ax.set_ylabel("mean accuracy over tasks (%)")
+    ax.set_ylim(max(0, min(means) - 15), 100)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--pretrain-epochs", type=int, default=10)
+    parser.add_argument("--expert-epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--width", type=int, default=16, help="SmallCNN width of the first block")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"default: all of {available_methods()}")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest for these tiny models)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    names = args.methods or available_methods()
+    unknown = sorted(set(names) - set(available_methods()))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; available: {available_methods()}")
+    methods = {name: DEMO_METHODS.get(name, {}) for name in names}
+
+    console = Console()
+    rows: list[dict] = []
+    steps_per_seed = 3 + len(methods)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as progress:
+        bar = progress.add_task("demo", total=steps_per_seed * len(args.seeds))
+        for seed in args.seeds:
+
+            def step(what: str, seed: int = seed) -> None:
+                progress.update(bar, advance=1, description=f"seed {seed}: {what}")
+
+            rows += run_seed(seed, args.out, args, methods, step)
+
+    task_names = DigitsTasks().task_names
+    summary = summarise(rows, task_names)
+    table, markdown = render(summary, task_names)
+    console.print(table)
+    console.print(
+        "The ensemble averages the experts' features and reads each task with its own head; "
+        "at this scale it is not an upper bound of every merge."
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.out / "results.md", markdown)
+    write_text_atomic(args.out / "results.json", json.dumps({"summary": summary, "runs": rows}, indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=sorted({k for e in summary for k in e}, key=lambda k: (k != "model", k)))
+    writer.writeheader()
+    writer.writerows(summary)
+    write_text_atomic(args.out / "results.csv", buffer.getvalue())
+    plot(summary, args.out / "results.png")
+    console.print(f"written to {args.out}/results.{{md,json,csv,png}}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

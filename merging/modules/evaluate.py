@@ -1,0 +1,231 @@
+"""LightningModules that evaluate experts: their prediction-level ensemble, and merges.
+
+Both read an :class:`~merging.bundle.ExpertBundle` and evaluate on one backbone
+skeleton with substituted parameters (``torch.func.functional_call``); no module is
+copied per expert or per merge. Task t is always read by its own head ``H_t``:
+
+- ensemble:  H_t( Σ_j w_j f(x; θ_j) )   (the M-Loss paper's ensemble: mean embedding, then
+  the task's head);
+- merge:     H_t( f(x; merge(θ_1..θ_K)) ).
+
+With per-task heads reading averaged features, the ensemble is not an upper bound of the
+merge at every scale: it is reported as measured.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.func import functional_call
+from torchmetrics.classification import MulticlassAccuracy
+
+from merging.bundle import ExpertBundle
+from merging.io import save_state_dict
+from merging.methods.base import MergeMethod
+from merging.methods.classic import TiesMerging
+from merging.state import StateDict
+
+
+def stack_states(states: list[StateDict]) -> StateDict:
+    """``{key: (K, *shape)}`` from K state dicts with the same keys."""
+    return {k: torch.stack([s[k] for s in states]) for k in states[0]}
+
+
+def ensemble_features(skeleton: nn.Module, stacked: StateDict, x: Tensor) -> Tensor:
+    """Mean of the K experts' features ``(B, d)``, one vmapped ``functional_call``.
+
+    Args:
+        skeleton: the backbone (in eval mode: BatchNorm uses each expert's running stats).
+        stacked: ``{key: (K, *shape)}`` expert states (:func:`stack_states`).
+        x: inputs ``(B, *input_shape)``.
+    """
+    features = torch.func.vmap(lambda state: functional_call(skeleton, state, (x,)), randomness="same")(stacked)
+    return features.mean(dim=0)
+
+
+class _BundleEvalModule(pl.LightningModule):
+    """Loads a bundle in ``setup`` and reports per-task and mean accuracy of ``features``."""
+
+    def __init__(self, experts: str, report_ensemble: bool) -> None:
+        super().__init__()
+        self.experts_dir = experts
+        self.report_ensemble = report_ensemble
+        self.bundle: ExpertBundle | None = None
+        self.skeleton: nn.Module | None = None
+        self.heads: nn.ModuleList | None = None
+        self._states: dict[str, StateDict] = {}
+        self.results: dict[str, float] = {}
+
+    def setup(self, stage: str) -> None:
+        if self.bundle is not None:
+            return
+        self.bundle = ExpertBundle.load(self.experts_dir)
+        self.skeleton = self.bundle.build_backbone().requires_grad_(False)
+        self.heads = self.bundle.build_heads().requires_grad_(False)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "num_classes"):
+            if list(datamodule.num_classes) != self.bundle.num_classes:
+                raise ValueError(
+                    f"bundle {self.experts_dir} has tasks {self.bundle.task_names} with classes "
+                    f"{self.bundle.num_classes}, the datamodule has {list(datamodule.num_classes)}"
+                )
+        self.metrics = nn.ModuleDict(
+            {
+                kind: nn.ModuleList(MulticlassAccuracy(num_classes=n) for n in self.bundle.num_classes)
+                for kind in self._kinds()
+            }
+        )
+        self._states = {"experts": stack_states(self.bundle.experts)}
+        self.prepare_states()
+
+    def _kinds(self) -> list[str]:
+        return ["model", "ensemble"] if self.report_ensemble else ["model"]
+
+    def prepare_states(self) -> None:
+        """Compute what :meth:`features` evaluates (merge the experts, pick members)."""
+
+    def features(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _state(self, name: str) -> StateDict:
+        state = self._states[name]
+        first = next(iter(state.values()))
+        if first.device != self.device:
+            state = {k: v.to(self.device) for k, v in state.items()}
+            self._states[name] = state
+        return state
+
+    def _eval_step(self, batch: Any, dataloader_idx: int) -> None:
+        x, y = batch
+        head = self.heads[dataloader_idx]
+        self.metrics["model"][dataloader_idx](head(self.features(x)), y)
+        if self.report_ensemble:
+            feats = ensemble_features(self.skeleton, self._state("experts"), x)
+            self.metrics["ensemble"][dataloader_idx](head(feats), y)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def _report(self, stage: str) -> None:
+        # compute() is a collective under DDP: every rank calls it.
+        results: dict[str, float] = {}
+        for kind in self._kinds():
+            accs = [float(m.compute()) for m in self.metrics[kind]]
+            prefix = f"{stage}/acc" if kind == "model" else f"{stage}/ensemble_acc"
+            for name, acc in zip(self.bundle.task_names, accs):
+                results[f"{prefix}/{name}"] = acc
+            results[f"{prefix}_mean"] = sum(accs) / len(accs)
+            for m in self.metrics[kind]:
+                m.reset()
+        if self.report_ensemble:
+            results[f"{stage}/gap_to_ensemble"] = results[f"{stage}/acc_mean"] - results[f"{stage}/ensemble_acc_mean"]
+        for key, value in results.items():
+            self.log(key, value, rank_zero_only=False)
+        self.results = results
+
+    def on_validation_epoch_end(self) -> None:
+        self._report("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._report("test")
+
+
+class EnsembleModule(_BundleEvalModule):
+    """Prediction-level ensemble of experts: task t reads H_t(Σ_j w_j f(x; θ_j)).
+
+    Args:
+        experts: an expert bundle directory (:class:`~merging.bundle.ExpertBundle`).
+        members: indices of the experts ensembled (default all; ``[j]`` evaluates expert j
+            alone on every task).
+    """
+
+    def __init__(self, experts: str, members: list[int] | None = None) -> None:
+        super().__init__(experts, report_ensemble=False)
+        self.save_hyperparameters()
+        self.members = list(members) if members is not None else None
+
+    def prepare_states(self) -> None:
+        k = len(self.bundle.experts)
+        members = self.members if self.members is not None else list(range(k))
+        bad = [j for j in members if not 0 <= j < k]
+        if bad or not members:
+            raise ValueError(f"members {self.members} must be non-empty indices in [0, {k})")
+        self._states["members"] = stack_states([self.bundle.experts[j] for j in members])
+
+    def features(self, x: Tensor) -> Tensor:
+        return ensemble_features(self.skeleton, self._state("members"), x)
+
+
+class MergedModule(_BundleEvalModule):
+    """Merges the experts' backbones with any registered method in ``setup``, then
+    evaluates per task with each task's head and reports the gap to the ensemble.
+
+    Data-dependent methods get the model skeleton and the datamodule's
+    ``unlabeled_dataloader(num_samples, seed)``.
+
+    Args:
+        experts: an expert bundle directory (:class:`~merging.bundle.ExpertBundle`).
+        method: the merge method (YAML: ``class_path`` + ``init_args``); None: TIES with
+            its paper defaults.
+        report_ensemble: also evaluate the ensemble and log ``gap_to_ensemble``.
+        unlabeled_samples: size of the unlabeled set given to data-dependent methods.
+        seed: seed of that unlabeled set.
+        save_path: where rank zero writes the merged backbone (safetensors), if anywhere.
+    """
+
+    def __init__(
+        self,
+        experts: str,
+        method: MergeMethod | None = None,
+        report_ensemble: bool = True,
+        unlabeled_samples: int = 256,
+        seed: int = 0,
+        save_path: str | None = None,
+    ) -> None:
+        super().__init__(experts, report_ensemble=report_ensemble)
+        self.save_hyperparameters(ignore=["method"])
+        self.method = method if method is not None else TiesMerging()
+        self.unlabeled_samples = unlabeled_samples
+        self.seed = seed
+        self.save_path = save_path
+        self.merge_seconds: float | None = None
+
+    def unlabeled_data(self):
+        """The unlabeled input batches a data-dependent method is given (None if unneeded)."""
+        if not self.method.requires_data:
+            return None
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "unlabeled_dataloader"):
+            raise ValueError(
+                f"{self.method.name} needs unlabeled data: run with a datamodule that has unlabeled_dataloader()"
+            )
+        return datamodule.unlabeled_dataloader(num_samples=self.unlabeled_samples, seed=self.seed)
+
+    def prepare_states(self) -> None:
+        start = time.perf_counter()
+        merged = self.method.merge(
+            self.bundle.experts, self.bundle.base, model=self.skeleton, data=self.unlabeled_data()
+        )
+        self.merge_seconds = time.perf_counter() - start
+        self._states["merged"] = merged
+        rank_zero_info(f"{self.method.name}: merged {len(self.bundle.experts)} experts in {self.merge_seconds:.3f} s")
+        if self.save_path and self.trainer.is_global_zero:
+            save_state_dict(merged, Path(self.save_path), metadata={"method": repr(self.method)})
+            rank_zero_info(f"merged backbone written to {self.save_path}")
+
+    def features(self, x: Tensor) -> Tensor:
+        return functional_call(self.skeleton, self._state("merged"), (x,))
+
+    def _report(self, stage: str) -> None:
+        super()._report(stage)
+        self.log(f"{stage}/merge_seconds", float(self.merge_seconds), rank_zero_only=False)
+        self.results[f"{stage}/merge_seconds"] = float(self.merge_seconds)

@@ -1,0 +1,259 @@
+"""LightningModules that train: the shared backbone's pretraining, and K experts jointly.
+
+Both read a :class:`~datamodules.MultiTaskDataModule`'s combined training batch
+``{task_name: (x, y)}`` and its per-task validation loaders (``dataloader_idx`` = task).
+Task names and class counts are taken from the datamodule in ``setup`` when not given, so
+a YAML config needs to name the data only once.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from merging.bundle import ExpertBundle
+from merging.io import load_state_dict, save_state_dict
+from merging.models import build_backbone
+from merging.state import StateDict
+
+
+class _TaskModule(pl.LightningModule):
+    """Shared plumbing: a backbone spec, task names/classes (from the datamodule if not
+    given), per-task heads and per-task validation accuracy."""
+
+    def __init__(
+        self,
+        backbone: str,
+        backbone_kwargs: dict | None,
+        in_chans: int,
+        task_names: list[str] | None,
+        num_classes: list[int] | None,
+        lr: float,
+        weight_decay: float,
+    ) -> None:
+        super().__init__()
+        self.backbone_name = backbone
+        self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.in_chans = in_chans
+        self.task_names = list(task_names) if task_names is not None else None
+        self.num_classes = list(num_classes) if num_classes is not None else None
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.skeleton = build_backbone(backbone, in_chans=in_chans, **self.backbone_kwargs)
+        self.heads: nn.ModuleList | None = None
+        self.val_acc: nn.ModuleList | None = None
+        if self.num_classes is not None:
+            self._build_heads()
+
+    def _build_heads(self) -> None:
+        if self.task_names is None:
+            self.task_names = [f"task_{t}" for t in range(len(self.num_classes))]
+        if len(self.task_names) != len(self.num_classes):
+            raise ValueError(f"{len(self.task_names)} task names but {len(self.num_classes)} class counts")
+        d = self.skeleton.num_features
+        self.heads = nn.ModuleList(nn.Linear(d, n) for n in self.num_classes)
+        self.val_acc = nn.ModuleList(MulticlassAccuracy(num_classes=n) for n in self.num_classes)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.heads is None:
+            if datamodule is None or not hasattr(datamodule, "num_classes"):
+                raise ValueError(
+                    f"{type(self).__name__}: num_classes was not given and the trainer has no "
+                    "multi-task datamodule to read it from"
+                )
+            self.task_names = list(datamodule.task_names)
+            self.num_classes = list(datamodule.num_classes)
+            self._build_heads()
+        elif datamodule is not None and hasattr(datamodule, "num_classes") and list(datamodule.num_classes) != self.num_classes:
+            raise ValueError(
+                f"{type(self).__name__}: num_classes={self.num_classes} does not match the "
+                f"datamodule's {list(datamodule.num_classes)}"
+            )
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def _log_val(self, task: int, logits: Tensor, y: Tensor) -> None:
+        self.val_acc[task](logits, y)
+        self.log(
+            f"val/acc/{self.task_names[task]}", self.val_acc[task], on_epoch=True, add_dataloader_idx=False
+        )
+
+
+class PretrainModule(_TaskModule):
+    """Pretrains the shared backbone θ₀ (plus throwaway heads) on some tasks, so a real
+    "pretrained" starting point exists offline.
+
+    Args:
+        backbone: backbone name (:func:`merging.models.build_backbone`).
+        backbone_kwargs: its constructor arguments.
+        in_chans: input channels.
+        pretrain_tasks: indices of the tasks trained on (default: the first task only, which
+            leaves the other tasks for the experts to learn).
+        task_names: task names (default: from the datamodule).
+        num_classes: classes per task (default: from the datamodule).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        export_path: where rank zero writes θ₀ as safetensors at the end of fit.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "small_cnn",
+        backbone_kwargs: dict | None = None,
+        in_chans: int = 1,
+        pretrain_tasks: list[int] | None = None,
+        task_names: list[str] | None = None,
+        num_classes: list[int] | None = None,
+        lr: float = 3e-3,
+        weight_decay: float = 0.0,
+        export_path: str | None = None,
+    ) -> None:
+        super().__init__(backbone, backbone_kwargs, in_chans, task_names, num_classes, lr, weight_decay)
+        self.save_hyperparameters()
+        self.pretrain_tasks = list(pretrain_tasks) if pretrain_tasks is not None else [0]
+        self.export_path = export_path
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Backbone features ``(B, d)``."""
+        return self.skeleton(x)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        losses = []
+        for t in self.pretrain_tasks:
+            x, y = batch[self.task_names[t]]
+            losses.append(F.cross_entropy(self.heads[t](self.skeleton(x)), y))
+        loss = torch.stack(losses).sum()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx in self.pretrain_tasks:
+            x, y = batch
+            self._log_val(dataloader_idx, self.heads[dataloader_idx](self.skeleton(x)), y)
+
+    def on_fit_end(self) -> None:
+        if self.export_path and self.trainer.is_global_zero:
+            save_state_dict(self.skeleton.state_dict(), self.export_path)
+            rank_zero_info(f"pretrained backbone written to {self.export_path}")
+
+
+class MultiExpertModule(_TaskModule):
+    """K experts fine-tuned jointly from one base θ₀: expert t on task t, each with its head.
+
+    This is where callbacks see every expert live: the module satisfies
+    :class:`merging.modules.protocols.HasExperts`.
+
+    Args:
+        backbone: backbone name (:func:`merging.models.build_backbone`).
+        backbone_kwargs: its constructor arguments.
+        in_chans: input channels.
+        base_checkpoint: θ₀ file (safetensors / torch / Lightning ckpt); None: the
+            backbone's random initialisation is the base.
+        base_prefix: key prefix to strip from ``base_checkpoint`` (e.g. ``"skeleton."``).
+        task_names: task names (default: from the datamodule).
+        num_classes: classes per task (default: from the datamodule).
+        lr: AdamW learning rate of the experts and heads.
+        weight_decay: AdamW weight decay.
+        export_dir: where rank zero writes the :class:`~merging.bundle.ExpertBundle` at
+            the end of fit (what ``MergedModule`` and ``EnsembleModule`` read).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "small_cnn",
+        backbone_kwargs: dict | None = None,
+        in_chans: int = 1,
+        base_checkpoint: str | None = None,
+        base_prefix: str | None = None,
+        task_names: list[str] | None = None,
+        num_classes: list[int] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__(backbone, backbone_kwargs, in_chans, task_names, num_classes, lr, weight_decay)
+        self.save_hyperparameters()
+        if base_checkpoint is not None:
+            self.skeleton.load_state_dict(load_state_dict(base_checkpoint, prefix=base_prefix), strict=True)
+        self.skeleton.requires_grad_(False)
+        self.export_dir = export_dir
+        self.experts: nn.ModuleList | None = None
+        if self.num_classes is not None:
+            self._build_experts()
+
+    def _build_experts(self) -> None:
+        self.experts = nn.ModuleList(copy.deepcopy(self.skeleton).requires_grad_(True) for _ in self.num_classes)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.experts is None:
+            self._build_experts()
+
+    # ---------------------------------------------------------------- HasExperts
+    def expert_state_dicts(self) -> list[StateDict]:
+        """θ_1..θ_K, live (detached views, no copies)."""
+        return [expert.state_dict() for expert in self.experts]
+
+    def base_state_dict(self) -> StateDict:
+        """θ₀."""
+        return self.skeleton.state_dict()
+
+    def batch_inputs(self, batch: Any) -> Tensor:
+        """Inputs of every task in a combined batch, concatenated ``(ΣB_t, *input_shape)``."""
+        if isinstance(batch, Mapping):
+            return torch.cat([x for x, _ in batch.values()])
+        return batch[0]
+
+    # ---------------------------------------------------------------- training
+    def forward(self, x: Tensor, task: int) -> Tensor:
+        """Expert ``task``'s logits on its own task ``(B, C_task)``."""
+        return self.heads[task](self.experts[task](x))
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        losses = []
+        for t, name in enumerate(self.task_names):
+            x, y = batch[name]
+            loss_t = F.cross_entropy(self(x, t), y)
+            self.log(f"train/loss/{name}", loss_t)
+            losses.append(loss_t)
+        loss = torch.stack(losses).sum()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch
+        self._log_val(dataloader_idx, self(x, dataloader_idx), y)
+
+    def to_bundle(self) -> ExpertBundle:
+        """The experts, base and heads as an :class:`~merging.bundle.ExpertBundle` (copies on CPU)."""
+
+        def cpu(state: StateDict) -> StateDict:
+            return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+        return ExpertBundle(
+            backbone=self.backbone_name,
+            backbone_kwargs=self.backbone_kwargs,
+            in_chans=self.in_chans,
+            task_names=list(self.task_names),
+            num_classes=list(self.num_classes),
+            base=cpu(self.base_state_dict()),
+            experts=[cpu(s) for s in self.expert_state_dicts()],
+            heads=[cpu(h.state_dict()) for h in self.heads],
+        )
+
+    def on_fit_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            self.to_bundle().save(Path(self.export_dir))
+            rank_zero_info(f"expert bundle written to {self.export_dir}")
