@@ -1,0 +1,2 @@
+from callbacks.stability_monitor import StabilityMonitor
+from callbacks.drift import ExpertDriftStopper
