@@ -32,9 +32,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from callbacks import StabilityMonitor
 from datamodules import DigitsTasks
 from merging.io import write_atomic, write_text_atomic
 from merging.methods import available_methods, get_method
+from merging.stability import task_vector_stats
 from merging.modules import EnsembleModule, MergedModule, MultiExpertModule, PretrainModule
 
 #: Hyperparameters of each method in the demo (defaults of the papers unless noted).
@@ -58,8 +60,58 @@ def _trainer(**kwargs: Any) -> pl.Trainer:
     )
 
 
-def run_seed(seed: int, out: Path, args: argparse.Namespace, methods: dict[str, dict[str, Any]], step) -> list[dict]:
-    """One seed of the pipeline; returns one result row per evaluated model."""
+def stability_summary(seed: int, monitor: StabilityMonitor, experts: MultiExpertModule) -> list[dict]:
+    """Per expert: Λ = Σ η_t, path length, ‖τ_j‖ and mean cosine to the other experts,
+    plus the experts' dispersion D and sign-conflict rate (seed 004's measurable quantities)."""
+    stats = task_vector_stats(experts.expert_state_dicts(), experts.base_state_dict())
+    k = stats.cosine.shape[0]
+    rows = []
+    for j, trajectory in enumerate(monitor.trajectories):
+        others = [float(stats.cosine[j, i]) for i in range(k) if i != j]
+        rows.append(
+            {
+                "seed": seed,
+                "expert": f"expert {j} ({experts.task_names[j]})",
+                "lr_integral": trajectory.lr_integral,
+                "path_length": trajectory.path_length,
+                "tau_norm": float(stats.norms[j]),
+                "mean_cosine": statistics.fmean(others) if others else 1.0,
+                "dispersion": stats.dispersion,
+                "sign_conflict": stats.sign_conflict,
+            }
+        )
+    return rows
+
+
+def render_stability(stability: list[list[dict]]) -> Table:
+    """Mean over seeds of the per-expert stability measurements."""
+    by_expert: dict[str, list[dict]] = defaultdict(list)
+    for seed_rows in stability:
+        for row in seed_rows:
+            by_expert[row["expert"]].append(row)
+    dispersion = statistics.fmean(rows[0]["dispersion"] for rows in stability)
+    conflict = statistics.fmean(rows[0]["sign_conflict"] for rows in stability)
+    table = Table(
+        title=f"Experts' stability (mean over seeds): dispersion D = {dispersion:.3g}, sign conflict {100 * conflict:.1f}%"
+    )
+    for h in ("expert", "Λ = Σ η_t", "path length", "‖τ_j‖", "mean cos(τ_j, τ_i)"):
+        table.add_column(h, justify="left" if h == "expert" else "right")
+    for expert, rows in by_expert.items():
+        table.add_row(
+            expert,
+            f"{statistics.fmean(r['lr_integral'] for r in rows):.3g}",
+            f"{statistics.fmean(r['path_length'] for r in rows):.3g}",
+            f"{statistics.fmean(r['tau_norm'] for r in rows):.3g}",
+            f"{statistics.fmean(r['mean_cosine'] for r in rows):.3f}",
+        )
+    return table
+
+
+def run_seed(
+    seed: int, out: Path, args: argparse.Namespace, methods: dict[str, dict[str, Any]], step, stability: list
+) -> list[dict]:
+    """One seed of the pipeline; returns one result row per evaluated model and appends the
+    experts' stability measurements to ``stability``."""
     pl.seed_everything(seed, verbose=False)
     run_dir = out / f"seed_{seed}"
     data = DigitsTasks(seed=seed, batch_size=args.batch_size)
@@ -75,8 +127,11 @@ def run_seed(seed: int, out: Path, args: argparse.Namespace, methods: dict[str, 
         lr=args.lr,
         export_dir=str(run_dir / "experts"),
     )
-    _trainer(max_epochs=args.expert_epochs, limit_val_batches=0).fit(experts, data)
+    monitor = StabilityMonitor(sparsifiers=())
+    fit = _trainer(max_epochs=args.expert_epochs, limit_val_batches=0, callbacks=[monitor], default_root_dir=str(run_dir))
+    fit.fit(experts, data)
     step("experts fine-tuned")
+    stability.append(stability_summary(seed, monitor, experts))
 
     bundle_dir = str(run_dir / "experts")
     rows = []
@@ -189,8 +244,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"unknown methods {unknown}; available: {available_methods()}")
     methods = {name: DEMO_METHODS.get(name, {}) for name in names}
 
-    console = Console()
+    console = Console(width=None if Console().is_terminal else 160)
     rows: list[dict] = []
+    stability: list[list[dict]] = []
     steps_per_seed = 3 + len(methods)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as progress:
         bar = progress.add_task("demo", total=steps_per_seed * len(args.seeds))
@@ -199,19 +255,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
             def step(what: str, seed: int = seed) -> None:
                 progress.update(bar, advance=1, description=f"seed {seed}: {what}")
 
-            rows += run_seed(seed, args.out, args, methods, step)
+            rows += run_seed(seed, args.out, args, methods, step, stability)
 
     task_names = DigitsTasks().task_names
     summary = summarise(rows, task_names)
     table, markdown = render(summary, task_names)
     console.print(table)
+    console.print(render_stability(stability))
     console.print(
         "The ensemble averages the experts' features and reads each task with its own head; "
         "at this scale it is not an upper bound of every merge."
     )
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / "results.md", markdown)
-    write_text_atomic(args.out / "results.json", json.dumps({"summary": summary, "runs": rows}, indent=2) + "\n")
+    write_text_atomic(
+        args.out / "results.json",
+        json.dumps({"summary": summary, "runs": rows, "stability": stability}, indent=2) + "\n",
+    )
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=sorted({k for e in summary for k in e}, key=lambda k: (k != "model", k)))
     writer.writeheader()
