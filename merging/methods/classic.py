@@ -206,11 +206,13 @@ def global_magnitude_thresholds(
     while len(pending):
         above = torch.zeros(num_experts)
         inside: list[list[Tensor]] = [[] for _ in pending]
+        everyone = len(pending) == num_experts
+        lo_p, hi_p = lo[pending, None], hi[pending, None]
         for key in keys:
             for a in magnitude_chunks(key):
-                a = a[pending].float()
-                above[pending] += torch.gt(a, hi[pending, None], out=torch.empty_like(a)).sum(dim=1)
-                mask = (a >= lo[pending, None]) & (a <= hi[pending, None])
+                a = (a if everyone else a[pending]).float()
+                above[pending] += torch.gt(a, hi_p, out=torch.empty_like(a)).sum(dim=1)
+                mask = (a >= lo_p) & (a <= hi_p)
                 # Boolean indexing is row-major, so the values come grouped by expert.
                 for row, values in enumerate(a[mask].split(mask.sum(dim=1).tolist())):
                     inside[row].append(values)
