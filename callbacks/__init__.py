@@ -1,2 +1,3 @@
+from callbacks.mloss_monitor import MLossMonitor
 from callbacks.stability_monitor import StabilityMonitor
 from callbacks.drift import ExpertDriftStopper

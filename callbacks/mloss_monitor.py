@@ -1,0 +1,462 @@
+r"""
+M-Loss Monitor
+^^^^^^^^^^^^^^
+
+Watch, during a fit, how far averaging the weights is from ensembling the models
+(M-Loss: Wang et al., AAAI 2026, https://arxiv.org/abs/2602.08564), in any Lightning project.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import Tensor, nn
+from typing_extensions import override
+
+from merging.io import load_state_dict, write_atomic
+from merging.mloss import MLoss, MLossMeter, MLossReport, as_forward_args, check_state_keys, node_group_map
+from merging.modules.protocols import HasExperts
+from merging.state import StateDict
+
+DEFAULT_EVERY_N_TRAIN_STEPS = 100
+"""Measure every 100 optimizer steps when no schedule is given. A measurement costs about
+``num_batches`` · (K + 2) forward passes plus the layers' gap work, i.e. a few training
+steps: about 5-6 % of the step time of small CPU models (benchmarks/mloss_overhead.py)."""
+
+
+class MLossMonitor(Callback):
+    r"""Log the M-Loss of the weights being trained, per layer, through ``pl_module.log``.
+
+    What is measured:
+
+    - a module satisfying :class:`~merging.modules.protocols.HasExperts` (K experts trained
+      jointly): its live experts against each other, on ``pl_module.skeleton``, with
+      ``base_state_dict()`` as θ₀, inputs from ``pl_module.batch_inputs(batch)``;
+    - any other ``LightningModule``: its current weights against a snapshot taken at the
+      start of the fit (experts ``[snapshot, current]``, θ₀ = the snapshot), or, when
+      ``peers`` are given, the current weights together with those checkpoints (experts
+      ``[current, *peers]``, θ₀ = the snapshot): how well the model being trained would merge
+      with its peers.
+
+    Inputs: the first ``num_batches`` batches the fit trains on (each rank caches its own
+    shard, detached copies, before the step trains on them; a first epoch with fewer
+    batches closes the cache), passed through ``input_fn`` (default: the batch itself if it
+    is a Tensor, else its first element; ``pl_module.batch_inputs`` for multi-expert
+    modules). After a resume the cache is refilled from the first batches trained on.
+
+    Every ``every_n_train_steps`` optimizer steps (or ``every_n_epochs`` epochs) it logs
+    ``<prefix>/layer/<name>``, ``<prefix>/normalized/<name>`` and ``<prefix>/mean``. The sums
+    and counts are reduced across ranks by the :class:`~merging.mloss.MLoss` metric, so a
+    DDP run logs the M-Loss of all ranks' inputs together (identical on every rank). A
+    measurement runs in ``no_grad`` and eval mode, restores every module's train/eval flag
+    and the RNG states, and never changes the weights. At the end of the fit it measures
+    once more (if the last step was not measured) and rank zero writes the node map (layers
+    × node groups, as the paper's Fig. 3) as a PNG into ``trainer.log_dir``.
+
+    Sharded strategies (FSDP, DeepSpeed) are not supported: the callback reads full state dicts.
+
+    Args:
+        every_n_train_steps: measure after every N optimizer steps. Default
+            (neither schedule given): :data:`DEFAULT_EVERY_N_TRAIN_STEPS`.
+        every_n_epochs: measure after every N training epochs instead.
+        num_batches: how many training batches to cache and measure on.
+        input_fn: ``batch -> forward's positional arguments`` (a Tensor or a tuple), e.g.
+            ``lambda batch: (batch[0], batch[1])`` for a model called as ``forward(inputs, target)``.
+        peers: checkpoint files of peer experts (safetensors, torch, Lightning ``.ckpt``),
+            keyed like ``pl_module.state_dict()`` (after ``peer_prefix``), loaded with
+            :func:`merging.io.load_state_dict`.
+        peer_prefix: key prefix to keep and strip when loading peers.
+        reference: the model whose layer inputs are hooked: ``"pretrained"`` (θ₀),
+            ``"average"``, ``"incremental"`` (see :func:`merging.mloss.m_loss`).
+        layers: layer names to measure; None: every Linear/Conv feeding an activation module.
+        output: also measure the model output (logged as ``<prefix>/layer/output``).
+        node_groups: columns of the node map.
+        heatmap_filename: file name of the node map PNG; None: do not write it.
+        log_prefix: the first part of every logged key.
+
+    Example::
+
+        trainer = Trainer(callbacks=[MLossMonitor(every_n_train_steps=100)])
+        # lightning.pytorch.demos.Transformer, called as forward(inputs, target):
+        MLossMonitor(input_fn=lambda batch: (batch[0], batch[1]))
+    """
+
+    def __init__(
+        self,
+        every_n_train_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        num_batches: int = 2,
+        input_fn: Callable[[Any], Any] | None = None,
+        peers: Sequence[str] | None = None,
+        peer_prefix: str | None = None,
+        reference: Literal["pretrained", "incremental", "average"] = "pretrained",
+        layers: list[str] | None = None,
+        output: bool = True,
+        node_groups: int = 32,
+        heatmap_filename: str | None = "mloss_node_map.png",
+        log_prefix: str = "mloss",
+    ) -> None:
+        if every_n_train_steps is not None and every_n_epochs is not None:
+            raise ValueError("MLossMonitor: give every_n_train_steps or every_n_epochs, not both")
+        if every_n_train_steps is None and every_n_epochs is None:
+            every_n_train_steps = DEFAULT_EVERY_N_TRAIN_STEPS
+        for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and value < 1:
+                raise ValueError(f"MLossMonitor: {name} must be >= 1, got {value}")
+        if num_batches < 1:
+            raise ValueError(f"MLossMonitor: num_batches must be >= 1, got {num_batches}")
+        if reference not in ("pretrained", "incremental", "average"):
+            raise ValueError(
+                f"MLossMonitor: reference must be 'pretrained', 'incremental' or 'average', got {reference!r}"
+            )
+        if node_groups < 1:
+            raise ValueError(f"MLossMonitor: node_groups must be >= 1, got {node_groups}")
+        if isinstance(peers, str):
+            peers = [peers]
+        self.every_n_train_steps = every_n_train_steps
+        self.every_n_epochs = every_n_epochs
+        self.num_batches = num_batches
+        self.input_fn = input_fn
+        self.peers = list(peers) if peers else []
+        self.peer_prefix = peer_prefix
+        self.reference = reference
+        self.layers = list(layers) if layers is not None else None
+        self.output = output
+        self.node_groups = node_groups
+        self.heatmap_filename = heatmap_filename
+        self.log_prefix = log_prefix
+
+        self._snapshot: StateDict | None = None
+        self._peer_states: list[StateDict] = []
+        self._inputs: list[tuple] = []
+        self._cache_closed = False
+        self._meter: MLossMeter | None = None
+        self._metric: MLoss | None = None
+        self._history: list[dict[str, float]] = []
+        self._last_report: MLossReport | None = None
+        self._last_measured_step = -1
+        self._last_measured_epoch = -1
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_train_steps=self.every_n_train_steps,
+            every_n_epochs=self.every_n_epochs,
+            reference=self.reference,
+            log_prefix=self.log_prefix,
+        )
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """One entry per measurement: ``step``, ``epoch`` and the logged values."""
+        return list(self._history)
+
+    @property
+    def last_report(self) -> MLossReport | None:
+        """The latest full report (node M-Loss included), or None before the first measurement."""
+        return self._last_report
+
+    def should_measure(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """The schedule: called with the zero-based index of the last optimizer step, or of
+        the epoch that just ended. Override it for another policy.
+
+        Args:
+            step_idx: index of the last optimizer step, or None at an epoch end.
+            epoch_idx: index of the epoch that ended, or None after a step.
+
+        Returns:
+            Whether to measure now.
+        """
+        if step_idx is not None and self.every_n_train_steps is not None:
+            return (step_idx + 1) % self.every_n_train_steps == 0
+        if epoch_idx is not None and self.every_n_epochs is not None:
+            return (epoch_idx + 1) % self.every_n_epochs == 0
+        return False
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Called when fit, validate, test, predict, or tune begins.
+
+        At fit: loads the peer checkpoints and clears what a previous fit left (a resumed
+        fit then restores the snapshot and history from its checkpoint).
+
+        Args:
+            trainer: the current :class:`~lightning.pytorch.trainer.trainer.Trainer` instance.
+            pl_module: the current :class:`~lightning.pytorch.core.LightningModule` instance.
+            stage: the :class:`~lightning.pytorch.trainer.trainer.Trainer` state.
+        """
+        if stage != "fit":
+            return
+        self._peer_states = [load_state_dict(path, prefix=self.peer_prefix) for path in self.peers]
+        model = pl_module.skeleton if isinstance(pl_module, HasExperts) else pl_module
+        for path, state in zip(self.peers, self._peer_states):
+            check_state_keys(model, state, f"peer checkpoint {path}")
+        self._snapshot = None
+        self._inputs = []
+        self._cache_closed = False
+        self._meter = None
+        self._metric = None
+        self._history = []
+        self._last_report = None
+        self._last_measured_step = -1
+        self._last_measured_epoch = -1
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Called when the train begins.
+
+        Takes the start-of-fit snapshot of a single-model module (unless one was restored
+        from a checkpoint) and moves the snapshot and peers to the module's device.
+
+        Args:
+            trainer: the current :class:`~lightning.pytorch.trainer.trainer.Trainer` instance.
+            pl_module: the current :class:`~lightning.pytorch.core.LightningModule` instance.
+        """
+        device = pl_module.device
+        if not isinstance(pl_module, HasExperts):
+            if self._snapshot is None:
+                self._snapshot = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            else:
+                check_state_keys(pl_module, self._snapshot, "MLossMonitor snapshot restored from the checkpoint")
+                self._snapshot = {k: v.to(device) for k, v in self._snapshot.items()}
+        self._peer_states = [{k: v.to(device) for k, v in state.items()} for state in self._peer_states]
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """Called when a training batch begins: caches its inputs until ``num_batches`` are held.
+
+        Args:
+            trainer: the current :class:`~lightning.pytorch.trainer.trainer.Trainer` instance.
+            pl_module: the current :class:`~lightning.pytorch.core.LightningModule` instance.
+            batch: the training batch.
+            batch_idx: index of the training batch.
+        """
+        if self._cache_closed:
+            return
+        self._inputs.append(self._select_inputs(pl_module, batch))
+        self._cache_closed = len(self._inputs) >= self.num_batches
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: STEP_OUTPUT, batch: Any, batch_idx: int
+    ) -> None:
+        """Called when a training batch ends: measures and logs if :meth:`should_measure` says so.
+
+        Args:
+            trainer: the current :class:`~lightning.pytorch.trainer.trainer.Trainer` instance.
+            pl_module: the current :class:`~lightning.pytorch.core.LightningModule` instance.
+            outputs: outputs of the training step.
+            batch: the training batch.
+            batch_idx: index of the training batch.
+        """
+        step = trainer.global_step
+        if step > self._last_measured_step and step > 0 and self.should_measure(step_idx=step - 1):
+            report = self._measure(trainer, pl_module)
+            self._log(pl_module, report, on_epoch=False)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Called when a training epoch ends: closes the input cache; measures and logs if
+        :meth:`should_measure` says so.
+
+        Args:
+            trainer: the current :class:`~lightning.pytorch.trainer.trainer.Trainer` instance.
+            pl_module: the current :class:`~lightning.pytorch.core.LightningModule` instance.
+        """
+        self._cache_closed = True
+        epoch = trainer.current_epoch
+        if epoch > self._last_measured_epoch and self._inputs and self.should_measure(epoch_idx=epoch):
+            self._last_measured_epoch = epoch
+            report = self._measure(trainer, pl_module)
+            self._log(pl_module, report, on_epoch=True)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Called when training ends: measures the final weights (if the last step was not
+        measured) and, on rank zero, writes the node map.
+
+        Args:
+            trainer: the current :class:`~lightning.pytorch.trainer.trainer.Trainer` instance.
+            pl_module: the current :class:`~lightning.pytorch.core.LightningModule` instance.
+        """
+        if not self._inputs:
+            rank_zero_warn("MLossMonitor: no training batch was seen, so nothing was measured")
+            return
+        if self._last_measured_step != trainer.global_step or self._last_report is None:
+            self._measure(trainer, pl_module)
+        if self.heatmap_filename is None:
+            return
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank asks
+        if trainer.is_global_zero and self._last_report is not None:
+            path = Path(log_dir) / self.heatmap_filename
+            save_node_map(
+                self._last_report.node,
+                path,
+                groups=self.node_groups,
+                title=f"node M-Loss at step {trainer.global_step}",
+            )
+            rank_zero_info(f"MLossMonitor: node map written to {path}")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Called when saving a checkpoint: the start-of-fit snapshot (on the CPU), the
+        history and the schedule's position. The input cache is not saved (each rank holds
+        its own shard); a resumed fit refills it.
+
+        Returns:
+            The callback state.
+        """
+        snapshot = None if self._snapshot is None else {k: v.detach().cpu() for k, v in self._snapshot.items()}
+        return {
+            "snapshot": snapshot,
+            "history": list(self._history),
+            "last_measured_step": self._last_measured_step,
+            "last_measured_epoch": self._last_measured_epoch,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Called when loading a checkpoint: restores what :meth:`state_dict` saved.
+
+        Args:
+            state_dict: the callback state.
+        """
+        self._snapshot = state_dict["snapshot"]
+        self._history = list(state_dict["history"])
+        self._last_measured_step = state_dict["last_measured_step"]
+        self._last_measured_epoch = state_dict["last_measured_epoch"]
+
+    # ------------------------------------------------------------------------ internals
+
+    def _select_inputs(self, pl_module: LightningModule, batch: Any) -> tuple:
+        """Forward's positional arguments from a training batch, detached copies."""
+        if self.input_fn is not None:
+            inputs = self.input_fn(batch)
+        elif isinstance(pl_module, HasExperts):
+            inputs = pl_module.batch_inputs(batch)
+        elif isinstance(batch, Tensor):
+            inputs = batch
+        elif isinstance(batch, (tuple, list)) and len(batch) > 0:
+            inputs = batch[0]
+        else:
+            raise TypeError(
+                f"MLossMonitor: cannot pick the model input out of a {type(batch).__name__} batch; "
+                "give input_fn=lambda batch: <forward's positional arguments>"
+            )
+        return tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in as_forward_args(inputs))
+
+    def _models(
+        self, pl_module: LightningModule
+    ) -> tuple[nn.Module, list[Mapping[str, Tensor]], Mapping[str, Tensor]]:
+        """(skeleton, experts, θ₀) of the measurement."""
+        if isinstance(pl_module, HasExperts):
+            experts = list(pl_module.expert_state_dicts()) + self._peer_states
+            return pl_module.skeleton, experts, pl_module.base_state_dict()
+        if self._snapshot is None:
+            raise RuntimeError("MLossMonitor: no start-of-fit snapshot; was on_train_start called?")
+        current = pl_module.state_dict()
+        experts = [current, *self._peer_states] if self._peer_states else [self._snapshot, current]
+        return pl_module, experts, self._snapshot
+
+    def _measure(self, trainer: Trainer, pl_module: LightningModule) -> MLossReport:
+        """M-Loss on the cached inputs, reduced over ranks (every rank must call it)."""
+        model, experts, base = self._models(pl_module)
+        with torch.no_grad(), _preserve_rng(pl_module.device):
+            if self._meter is None:
+                self._meter = MLossMeter(
+                    model,
+                    experts,
+                    self._inputs[0],
+                    base=base,
+                    layers=self.layers,
+                    reference=self.reference,
+                    output=self.output,
+                    check_values=False,
+                )
+            else:
+                self._meter.set_experts(experts, base, check_values=False)
+            if self._metric is None:
+                self._metric = MLoss(self._meter.node_sizes).to(pl_module.device)
+            self._metric.reset()
+            for args in self._inputs:
+                self._metric.update(self._meter.measure(args))
+            report = self._metric.compute()
+        self._last_report = report
+        self._last_measured_step = trainer.global_step
+        entry = {"step": float(trainer.global_step), "epoch": float(trainer.current_epoch)}
+        entry.update(report.scalars(self.log_prefix))
+        self._history.append(entry)
+        return report
+
+    def _log(self, pl_module: LightningModule, report: MLossReport, *, on_epoch: bool) -> None:
+        # The values are already reduced over ranks by the MLoss metric; syncing again at
+        # epoch level only averages identical values (and keeps Lightning from warning).
+        for key, value in report.scalars(self.log_prefix).items():
+            pl_module.log(key, value, on_step=not on_epoch, on_epoch=on_epoch, sync_dist=on_epoch, batch_size=1)
+
+
+@contextmanager
+def _preserve_rng(device: torch.device) -> Iterator[None]:
+    """Leave the torch RNG streams (CPU, and the module's CUDA device) as they were."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        yield
+
+
+def save_node_map(
+    node: Mapping[str, Tensor],
+    path: str | os.PathLike,
+    *,
+    groups: int = 32,
+    title: str | None = None,
+) -> Path:
+    """Write the node M-Loss map (layers × node groups, log₁₀ colour scale) as a PNG, atomically.
+
+    Uses matplotlib's Agg canvas directly (no pyplot, no global backend change).
+
+    Args:
+        node: ``{layer: node M-Loss (d,)}`` (:attr:`merging.mloss.MLossReport.node`).
+        path: the PNG file.
+        groups: contiguous node groups per layer (:func:`merging.mloss.node_group_map`).
+        title: figure title.
+
+    Returns:
+        The written path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names, grid = node_group_map(node, groups)
+    if not names:
+        raise ValueError("save_node_map: no layer to draw")
+    values = grid.numpy()
+    positive = values[values > 0]
+    # Six decades below the largest value are shown; dead nodes (exact zeros) sit at the floor.
+    floor = max(float(positive.min()), float(positive.max()) * 1e-6) if positive.size else 1e-12
+    shown = np.log10(np.maximum(values, floor))
+    fig = Figure(figsize=(max(4.0, 0.2 * groups + 2.5), max(2.0, 0.35 * len(names) + 1.2)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(shown, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(names)), labels=names)
+    ax.set_xlabel(f"node group ({groups} contiguous groups per layer)")
+    if title:
+        ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="log10 node M-Loss")
+    path = Path(path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    return path
+
+
+__all__ = ["DEFAULT_EVERY_N_TRAIN_STEPS", "MLossMonitor", "save_node_map"]
