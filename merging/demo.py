@@ -10,7 +10,10 @@ into class groups), per seed:
    (``MergedModule``), each task read by its own head.
 
 Prints one table (mean ± sd over seeds) and writes it as CSV, JSON and Markdown, plus a
-plot, to ``runs/demo/``. Run ``python -m merging.demo --help`` for the options.
+plot, to ``runs/demo/``. Then runs the second scenario, experts trained from different
+initialisations (:mod:`merging.scenarios`: averaging vs weight/activation matching vs
+MuDSC), and writes ``different_init.{md,json}`` there (``--skip-different-init`` skips it).
+Run ``python -m merging.demo --help`` for the options.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ from callbacks import StabilityMonitor
 from datamodules import DigitsTasks
 from merging.io import write_atomic, write_text_atomic
 from merging.methods import available_methods, get_method
+from merging.mloss import m_loss
 from merging.stability import task_vector_stats
 from merging.modules import EnsembleModule, MergedModule, MultiExpertModule, PretrainModule
+from merging.scenarios import different_init_scenario, quiet_trainer
 
 #: Hyperparameters of each method in the demo (defaults of the papers unless noted).
 DEMO_METHODS: dict[str, dict[str, Any]] = {
@@ -45,19 +50,9 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
     "task_arithmetic": {"scaling": 0.3},
     "ties": {"density": 0.2, "scaling": 1.0},
     "dare": {"drop_rate": 0.9, "scaling": 0.3},
+    # M-TIES at TIES's density, so the two rows compare the row-wise M-Loss schedule alone.
+    "mties": {"density": 0.2, "spread": 0.1},
 }
-
-
-def _trainer(**kwargs: Any) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
 
 
 def stability_summary(seed: int, monitor: StabilityMonitor, experts: MultiExpertModule) -> list[dict]:
@@ -107,18 +102,39 @@ def render_stability(stability: list[list[dict]]) -> Table:
     return table
 
 
+def render_mloss(mloss: list[dict]) -> Table:
+    """The experts' M-Loss per measured layer (mean ± sd over seeds)."""
+    table = Table(title="Experts' M-Loss per layer (256 unlabeled inputs, reference θ₀; mean ± sd over seeds)")
+    for h in ("layer", "M-Loss", "normalized M-Loss"):
+        table.add_column(h, justify="left" if h == "layer" else "right")
+    for name in mloss[0]["layer"]:
+        cells = []
+        for kind in ("layer", "layer_normalized"):
+            values = [m[kind][name] for m in mloss]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.fmean(values):.4f} ± {sd:.4f}")
+        table.add_row(name, *cells)
+    return table
+
+
 def run_seed(
-    seed: int, out: Path, args: argparse.Namespace, methods: dict[str, dict[str, Any]], step, stability: list
+    seed: int,
+    out: Path,
+    args: argparse.Namespace,
+    methods: dict[str, dict[str, Any]],
+    step,
+    stability: list,
+    mloss: list,
 ) -> list[dict]:
     """One seed of the pipeline; returns one result row per evaluated model and appends the
-    experts' stability measurements to ``stability``."""
+    experts' stability and M-Loss measurements to ``stability`` and ``mloss``."""
     pl.seed_everything(seed, verbose=False)
     run_dir = out / f"seed_{seed}"
     data = DigitsTasks(seed=seed, batch_size=args.batch_size)
     backbone_kwargs = {"width": args.width}
 
     pretrain = PretrainModule(backbone_kwargs=backbone_kwargs, export_path=str(run_dir / "base.safetensors"))
-    _trainer(max_epochs=args.pretrain_epochs, limit_val_batches=0).fit(pretrain, data)
+    quiet_trainer(max_epochs=args.pretrain_epochs, limit_val_batches=0).fit(pretrain, data)
     step("pretrained")
 
     experts = MultiExpertModule(
@@ -128,16 +144,23 @@ def run_seed(
         export_dir=str(run_dir / "experts"),
     )
     monitor = StabilityMonitor(sparsifiers=())
-    fit = _trainer(max_epochs=args.expert_epochs, limit_val_batches=0, callbacks=[monitor], default_root_dir=str(run_dir))
+    fit = quiet_trainer(max_epochs=args.expert_epochs, limit_val_batches=0, callbacks=[monitor], default_root_dir=str(run_dir))
     fit.fit(experts, data)
     step("experts fine-tuned")
     stability.append(stability_summary(seed, monitor, experts))
+    report = m_loss(
+        experts.skeleton,
+        experts.expert_state_dicts(),
+        data.unlabeled_dataloader(num_samples=256, seed=seed),
+        base=experts.base_state_dict(),
+    )
+    mloss.append({"seed": seed, "layer": report.layer, "layer_normalized": report.layer_normalized})
 
     bundle_dir = str(run_dir / "experts")
     rows = []
 
     def evaluate(label: str, module) -> None:
-        _trainer().test(module, data, verbose=False)
+        quiet_trainer().test(module, data, verbose=False)
         rows.append({"model": label, "seed": seed, **module.results})
 
     evaluate("ensemble", EnsembleModule(bundle_dir))
@@ -231,6 +254,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--width", type=int, default=16, help="SmallCNN width of the first block")
     parser.add_argument("--methods", nargs="+", default=None, help=f"default: all of {available_methods()}")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest for these tiny models)")
+    parser.add_argument(
+        "--skip-different-init", action="store_true", help="skip the experts-from-different-initialisations scenario"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -247,6 +273,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     console = Console(width=None if Console().is_terminal else 160)
     rows: list[dict] = []
     stability: list[list[dict]] = []
+    mloss: list[dict] = []
     steps_per_seed = 3 + len(methods)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as progress:
         bar = progress.add_task("demo", total=steps_per_seed * len(args.seeds))
@@ -255,13 +282,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             def step(what: str, seed: int = seed) -> None:
                 progress.update(bar, advance=1, description=f"seed {seed}: {what}")
 
-            rows += run_seed(seed, args.out, args, methods, step, stability)
+            rows += run_seed(seed, args.out, args, methods, step, stability, mloss)
 
     task_names = DigitsTasks().task_names
     summary = summarise(rows, task_names)
     table, markdown = render(summary, task_names)
     console.print(table)
     console.print(render_stability(stability))
+    console.print(render_mloss(mloss))
     console.print(
         "The ensemble averages the experts' features and reads each task with its own head; "
         "at this scale it is not an upper bound of every merge."
@@ -270,7 +298,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     write_text_atomic(args.out / "results.md", markdown)
     write_text_atomic(
         args.out / "results.json",
-        json.dumps({"summary": summary, "runs": rows, "stability": stability}, indent=2) + "\n",
+        json.dumps({"summary": summary, "runs": rows, "stability": stability, "mloss": mloss}, indent=2) + "\n",
     )
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=sorted({k for e in summary for k in e}, key=lambda k: (k != "model", k)))
@@ -279,6 +307,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     write_text_atomic(args.out / "results.csv", buffer.getvalue())
     plot(summary, args.out / "results.png")
     console.print(f"written to {args.out}/results.{{md,json,csv,png}}")
+    if not args.skip_different_init:
+        with console.status("experts from different initialisations") as status:
+            _, _, di_table = different_init_scenario(
+                args.seeds,
+                args.out,
+                width=args.width,
+                batch_size=args.batch_size,
+                step=lambda what: status.update(f"experts from different initialisations: {what}"),
+            )
+        console.print(di_table)
+        console.print(f"written to {args.out}/different_init.{{md,json}}")
     return summary
 
 
