@@ -25,6 +25,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/merge_speed.py
+	$(PY) benchmarks/mloss_overhead.py
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache
