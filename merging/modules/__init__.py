@@ -2,6 +2,7 @@
 
 from merging.modules.evaluate import EnsembleModule, MergedModule
 from merging.modules.experts import MultiExpertModule, PretrainModule
+from merging.modules.neulig import NeuLigModule
 from merging.modules.protocols import HasExperts
 
-__all__ = ["EnsembleModule", "HasExperts", "MergedModule", "MultiExpertModule", "PretrainModule"]
+__all__ = ["EnsembleModule", "HasExperts", "MergedModule", "MultiExpertModule", "NeuLigModule", "PretrainModule"]
