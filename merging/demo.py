@@ -41,7 +41,7 @@ from merging.io import write_atomic, write_text_atomic
 from merging.methods import available_methods, get_method
 from merging.mloss import m_loss
 from merging.stability import task_vector_stats
-from merging.modules import EnsembleModule, MergedModule, MultiExpertModule, PretrainModule
+from merging.modules import EnsembleModule, MergedModule, MultiExpertModule, NeuLigModule, PretrainModule
 from merging.scenarios import different_init_scenario, quiet_trainer
 
 #: Hyperparameters of each method in the demo (defaults of the papers unless noted).
@@ -170,6 +170,27 @@ def run_seed(
     for name, hparams in methods.items():
         evaluate(name, MergedModule(bundle_dir, method=get_method(name, **hparams), seed=seed))
         step(f"merged: {name}")
+    if args.neulig_epochs:
+        rows += neulig_rows(seed, bundle_dir, data, args.neulig_epochs)
+        step("NeuLig: Portland trained")
+    return rows
+
+
+def neulig_rows(seed: int, bundle_dir: str, data: DigitsTasks, epochs: int) -> list[dict]:
+    """Train Portland (supervised, per-sample CoopVecs) on the frozen experts and report its
+    merged and ensembled accuracy, from the Portland chosen on the validation split."""
+    module = NeuLigModule(bundle_dir, alignment="sup", seed=seed, coopvec_plot=False)
+    trainer = quiet_trainer(max_epochs=epochs, check_val_every_n_epoch=max(1, epochs // 5))
+    trainer.fit(module, data)
+    trainer.test(module, data, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    rows = []
+    for kind in ("merged", "ensembled"):
+        row = {"model": f"neulig ({kind})", "seed": seed}
+        for name in data.task_names:
+            row[f"test/acc/{name}"] = metrics[f"test/best/{kind}_acc/{name}"]
+        row["test/acc_mean"] = metrics[f"test/best/{kind}_acc"]
+        rows.append(row)
     return rows
 
 
@@ -252,7 +273,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--width", type=int, default=16, help="SmallCNN width of the first block")
-    parser.add_argument("--methods", nargs="+", default=None, help=f"default: all of {available_methods()}")
+    parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method but neulig")
+    parser.add_argument("--neulig-epochs", type=int, default=30, help="Portland training epochs (0: no NeuLig rows)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest for these tiny models)")
     parser.add_argument(
         "--skip-different-init", action="store_true", help="skip the experts-from-different-initialisations scenario"
@@ -264,7 +286,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    names = args.methods or available_methods()
+    # NeuLig needs a trained Portland: its rows come from NeuLigModule (--neulig-epochs).
+    names = args.methods or [m for m in available_methods() if m != "neulig"]
     unknown = sorted(set(names) - set(available_methods()))
     if unknown:
         parser.error(f"unknown methods {unknown}; available: {available_methods()}")
@@ -274,7 +297,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
     stability: list[list[dict]] = []
     mloss: list[dict] = []
-    steps_per_seed = 3 + len(methods)
+    steps_per_seed = 3 + len(methods) + (1 if args.neulig_epochs else 0)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as progress:
         bar = progress.add_task("demo", total=steps_per_seed * len(args.seeds))
         for seed in args.seeds:
