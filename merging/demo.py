@@ -37,9 +37,10 @@ from rich.table import Table
 
 from callbacks import StabilityMonitor
 from datamodules import DigitsTasks
-from merging.io import write_atomic, write_text_atomic
+from merging.io import write_text_atomic
 from merging.methods import available_methods, get_method
 from merging.mloss import m_loss
+from merging.report import accuracy_bars, accuracy_table, summarise
 from merging.stability import task_vector_stats
 from merging.modules import EnsembleModule, MergedModule, MultiExpertModule, NeuLigModule, PretrainModule
 from merging.scenarios import different_init_scenario, quiet_trainer
@@ -194,76 +195,6 @@ def neulig_rows(seed: int, bundle_dir: str, data: DigitsTasks, epochs: int) -> l
     return rows
 
 
-def summarise(rows: list[dict], task_names: list[str]) -> list[dict]:
-    """Mean and sd over seeds of every metric, per model, in first-seen model order."""
-    by_model: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        by_model[row["model"]].append(row)
-    summary = []
-    for model, group in by_model.items():
-        entry: dict[str, Any] = {"model": model, "seeds": len(group)}
-        columns = [f"test/acc/{t}" for t in task_names] + ["test/acc_mean", "test/merge_seconds"]
-        for col in columns:
-            values = [r[col] for r in group if col in r]
-            if values:
-                entry[col] = statistics.fmean(values)
-                entry[col + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        gaps = [r["test/acc_mean"] - e["test/acc_mean"] for r, e in zip(group, by_model["ensemble"])]
-        entry["gap_to_ensemble"] = statistics.fmean(gaps)
-        entry["gap_to_ensemble_sd"] = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
-        summary.append(entry)
-    return summary
-
-
-def _pm(entry: dict, key: str, scale: float = 100.0, digits: int = 1) -> str:
-    if key not in entry:
-        return "-"
-    return f"{entry[key] * scale:.{digits}f} ± {entry[key + '_sd'] * scale:.{digits}f}"
-
-
-def render(summary: list[dict], task_names: list[str]) -> tuple[Table, str]:
-    """The summary as a rich table and as Markdown."""
-    headers = ["model", *task_names, "mean acc (%)", "gap to ensemble (pts)", "merge time (s)"]
-    table = Table(title="Digits class-split tasks: accuracy % (mean ± sd over seeds)")
-    for h in headers:
-        table.add_column(h, justify="left" if h == "model" else "right")
-    md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for e in summary:
-        cells = [
-            e["model"],
-            *[_pm(e, f"test/acc/{t}") for t in task_names],
-            _pm(e, "test/acc_mean"),
-            _pm(e, "gap_to_ensemble"),
-            _pm(e, "test/merge_seconds", scale=1.0, digits=3),
-        ]
-        table.add_row(*cells)
-        md.append("| " + " | ".join(cells) + " |")
-    return table, "\n".join(md) + "\n"
-
-
-def plot(summary: list[dict], path: Path) -> None:
-    """Bar chart of mean accuracy ± sd per model, the ensemble as a reference line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [e["model"] for e in summary]
-    means = [100 * e["test/acc_mean"] for e in summary]
-    sds = [100 * e["test/acc_mean_sd"] for e in summary]
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(labels)), 4))
-    colors = ["tab:gray" if l.startswith("expert") else "tab:green" if l == "ensemble" else "tab:blue" for l in labels]
-    ax.bar(range(len(labels)), means, yerr=sds, color=colors, capsize=3)
-    ax.axhline(means[0], color="tab:green", linestyle="--", linewidth=1, label="ensemble")
-    ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
-    ax.set_ylabel("mean accuracy over tasks (%)")
-    ax.set_ylim(max(0, min(means) - 15), 100)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -308,8 +239,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += run_seed(seed, args.out, args, methods, step, stability, mloss)
 
     task_names = DigitsTasks().task_names
-    summary = summarise(rows, task_names)
-    table, markdown = render(summary, task_names)
+    summary = summarise(rows, reference="ensemble", gap_key="gap_to_ensemble")
+    table, markdown = accuracy_table(
+        summary,
+        task_names,
+        title="Digits class-split tasks: accuracy % (mean ± sd over seeds)",
+        gap_key="gap_to_ensemble",
+        gap_label="gap to ensemble",
+    )
     console.print(table)
     console.print(render_stability(stability))
     console.print(render_mloss(mloss))
@@ -328,7 +265,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     writer.writeheader()
     writer.writerows(summary)
     write_text_atomic(args.out / "results.csv", buffer.getvalue())
-    plot(summary, args.out / "results.png")
+    accuracy_bars(summary, args.out / "results.png", reference="ensemble")
     console.print(f"written to {args.out}/results.{{md,json,csv,png}}")
     if not args.skip_different_init:
         with console.status("experts from different initialisations") as status:

@@ -51,6 +51,7 @@ from merging.alignment import (
 )
 from merging.alignment.apply import batchnorm_modules, reset_batchnorm
 from merging.io import write_text_atomic
+from merging.report import accuracy_table, summarise
 from merging.methods import get_method
 from merging.methods.mudsc import MuDSC
 from merging.models import build_backbone
@@ -287,52 +288,6 @@ def run_different_init_seed(
     return rows
 
 
-def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and sd over seeds of every metric, per model (first-seen order), and the gap of
-    each model's mean accuracy to the experts' (same seed)."""
-    by_model: dict[str, list[Mapping[str, Any]]] = {}
-    for r in rows:
-        by_model.setdefault(r["model"], []).append(r)
-    experts = {r["seed"]: r["test/acc_mean"] for r in by_model.get(EXPERTS_LABEL, [])}
-    summary = []
-    for model, group in by_model.items():
-        entry: dict[str, Any] = {"model": model, "seeds": len(group)}
-        metrics = {k: [r[k] for r in group] for k in group[0] if k.startswith("test/")}
-        if experts:
-            metrics["gap_to_experts"] = [r["test/acc_mean"] - experts[r["seed"]] for r in group]
-        for key, values in metrics.items():
-            entry[key] = statistics.fmean(values)
-            entry[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        summary.append(entry)
-    return summary
-
-
-def render(summary: Sequence[Mapping[str, Any]], task_names: Sequence[str]) -> tuple[Table, str]:
-    """The summary as a rich table and as Markdown."""
-
-    def pm(entry: Mapping[str, Any], key: str, scale: float = 100.0, digits: int = 1) -> str:
-        if key not in entry:
-            return "-"
-        return f"{entry[key] * scale:.{digits}f} ± {entry[key + '_sd'] * scale:.{digits}f}"
-
-    headers = ["model", *task_names, "mean acc (%)", "gap to experts (pts)", "merge time (s)"]
-    table = Table(title="Experts from different initialisations: accuracy % (mean ± sd over seeds)")
-    for h in headers:
-        table.add_column(h, justify="left" if h == "model" else "right")
-    md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for e in summary:
-        cells = [
-            e["model"],
-            *[pm(e, f"test/acc/{t}") for t in task_names],
-            pm(e, "test/acc_mean"),
-            pm(e, "gap_to_experts"),
-            pm(e, "test/merge_seconds", scale=1.0, digits=3),
-        ]
-        table.add_row(*cells)
-        md.append("| " + " | ".join(cells) + " |")
-    return table, "\n".join(md) + "\n"
-
-
 def different_init_scenario(
     seeds: Sequence[int],
     out_dir: str | Path,
@@ -383,8 +338,14 @@ def different_init_scenario(
             step=step,
         )
     task_names = DigitsTasks().task_names
-    summary = summarise(rows)
-    table, markdown = render(summary, task_names)
+    summary = summarise(rows, reference=EXPERTS_LABEL, gap_key="gap_to_experts")
+    table, markdown = accuracy_table(
+        summary,
+        task_names,
+        title="Experts from different initialisations: accuracy % (mean ± sd over seeds)",
+        gap_key="gap_to_experts",
+        gap_label="gap to experts",
+    )
     out_dir = Path(out_dir)
     header = (
         "# Experts from different initialisations\n\n"
