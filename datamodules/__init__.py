@@ -11,6 +11,7 @@
 This package depends on no model code.
 """
 
+from datamodules.class_groups import ClassGroupTasks
 from datamodules.digits import DigitsTasks
 from datamodules.fashion_mnist import FashionMNISTTasks
 from datamodules.multitask import LabelledTensorDataset, MultiTaskDataModule, Task
@@ -18,6 +19,7 @@ from datamodules.vision import VISION_DATASETS, VisionTasks
 
 __all__ = [
     "VISION_DATASETS",
+    "ClassGroupTasks",
     "DigitsTasks",
     "FashionMNISTTasks",
     "LabelledTensorDataset",

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from datamodules.multitask import LabelledTensorDataset, Task
+from datamodules.multitask import LabelledTensorDataset, MultiTaskDataModule, Task
 
 DEFAULT_GROUPS: tuple[tuple[int, ...], ...] = ((0, 1, 2), (3, 4, 5), (6, 7), (8, 9))
 
@@ -127,3 +127,36 @@ def subsample_per_class(labels: Tensor, max_per_class: int, generator: torch.Gen
         members = (labels == c).nonzero().squeeze(1)
         kept.append(members[torch.randperm(members.numel(), generator=generator)[:max_per_class]])
     return torch.cat(kept).sort().values
+
+
+class ClassGroupTasks(MultiTaskDataModule):
+    """Base of the class-group datamodules: task names, class counts and input shape are
+    known from ``groups`` before ``setup``.
+
+    Subclasses set ``PREFIX`` (task names are ``PREFIX + "_" + classes``), ``NUM_CLASSES`` of
+    the source dataset and ``INPUT_SHAPE``, and assign ``self.groups`` with
+    :meth:`set_groups` in ``__init__``.
+    """
+
+    PREFIX: str
+    NUM_CLASSES: int
+    INPUT_SHAPE: tuple[int, ...]
+
+    def set_groups(self, groups: Sequence[Sequence[int]]) -> None:
+        """Validate and keep the class groups (see :func:`check_groups`)."""
+        self.groups = check_groups(groups, self.NUM_CLASSES, type(self).__name__)
+
+    @property
+    def task_names(self) -> list[str]:
+        """``PREFIX + "_" + classes`` per group (e.g. ``"digits_012"``)."""
+        return [group_name(self.PREFIX, group) for group in self.groups]
+
+    @property
+    def num_classes(self) -> list[int]:
+        """The size of each group."""
+        return [len(group) for group in self.groups]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input."""
+        return self.INPUT_SHAPE

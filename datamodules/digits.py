@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
-from datamodules.class_groups import DEFAULT_GROUPS, check_groups, class_group_tasks, group_name
-from datamodules.multitask import MultiTaskDataModule, Task
+from datamodules.class_groups import ClassGroupTasks, DEFAULT_GROUPS, class_group_tasks
+from datamodules.multitask import Task
 
 
-class DigitsTasks(MultiTaskDataModule):
+class DigitsTasks(ClassGroupTasks):
     """Class-group tasks of ``sklearn.datasets.load_digits``: 1797 gray 8x8 images.
 
     Pixels (0..16 in the source) are scaled to ``[0, 1]``; inputs have shape ``(1, 8, 8)``.
@@ -30,7 +30,9 @@ class DigitsTasks(MultiTaskDataModule):
         drop_last: see :class:`~datamodules.MultiTaskDataModule`.
     """
 
-    NUM_DIGITS = 10
+    PREFIX = "digits"
+    NUM_CLASSES = 10
+    INPUT_SHAPE = (1, 8, 8)
 
     def __init__(
         self,
@@ -54,22 +56,7 @@ class DigitsTasks(MultiTaskDataModule):
             pin_memory=pin_memory,
             drop_last=drop_last,
         )
-        self.groups = check_groups(groups, self.NUM_DIGITS, "DigitsTasks")
-
-    @property
-    def task_names(self) -> list[str]:
-        """``"digits_<digits>"`` per group."""
-        return [group_name("digits", group) for group in self.groups]
-
-    @property
-    def num_classes(self) -> list[int]:
-        """The size of each group."""
-        return [len(group) for group in self.groups]
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """``(1, 8, 8)``."""
-        return (1, 8, 8)
+        self.set_groups(groups)
 
     def build_tasks(self) -> list[Task]:
         """Load the bundled digits and cut them into the class-group tasks."""
@@ -78,4 +65,4 @@ class DigitsTasks(MultiTaskDataModule):
         digits = load_digits()
         images = torch.as_tensor(digits.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
         labels = torch.as_tensor(digits.target, dtype=torch.long)
-        return class_group_tasks(images, labels, self.groups, prefix="digits")
+        return class_group_tasks(images, labels, self.groups, prefix=self.PREFIX)

@@ -22,8 +22,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules import idx
-from datamodules.class_groups import DEFAULT_GROUPS, check_groups, class_group_tasks, group_name, subsample_per_class
-from datamodules.multitask import MultiTaskDataModule, Task
+from datamodules.class_groups import ClassGroupTasks, DEFAULT_GROUPS, class_group_tasks, subsample_per_class
+from datamodules.multitask import Task
 
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -68,7 +68,7 @@ def locate_fashion_mnist(root: str | Path | None, *, include_root: bool = True) 
     return files
 
 
-class FashionMNISTTasks(MultiTaskDataModule):
+class FashionMNISTTasks(ClassGroupTasks):
     """Class-group tasks of Fashion-MNIST: gray 28x28 images, inputs ``(1, 28, 28)`` in ``[0, 1]``.
 
     Task ``t`` holds the classes of ``groups[t]`` relabelled ``0..len(groups[t])-1`` and is
@@ -94,7 +94,9 @@ class FashionMNISTTasks(MultiTaskDataModule):
         drop_last: see :class:`~datamodules.MultiTaskDataModule`.
     """
 
+    PREFIX = "fashion"
     NUM_CLASSES = 10
+    INPUT_SHAPE = (1, 28, 28)
 
     def __init__(
         self,
@@ -121,24 +123,9 @@ class FashionMNISTTasks(MultiTaskDataModule):
         )
         if max_per_class is not None and max_per_class < 1:
             raise ValueError(f"max_per_class must be >= 1 or None, got {max_per_class}")
-        self.groups = check_groups(groups, self.NUM_CLASSES, "FashionMNISTTasks")
+        self.set_groups(groups)
         self.root = root
         self.max_per_class = max_per_class
-
-    @property
-    def task_names(self) -> list[str]:
-        """``"fashion_<classes>"`` per group."""
-        return [group_name("fashion", group) for group in self.groups]
-
-    @property
-    def num_classes(self) -> list[int]:
-        """The size of each group."""
-        return [len(group) for group in self.groups]
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """``(1, 28, 28)``."""
-        return (1, 28, 28)
 
     def prepare_data(self) -> None:
         """Check that the IDX files exist (nothing is downloaded).
@@ -165,4 +152,4 @@ class FashionMNISTTasks(MultiTaskDataModule):
                 images, labels = images[keep], labels[keep]
             arrays.append((images.unsqueeze(1), labels))
         (train_x, train_y), (test_x, test_y) = arrays
-        return class_group_tasks(train_x, train_y, self.groups, "fashion", test_x, test_y)
+        return class_group_tasks(train_x, train_y, self.groups, self.PREFIX, test_x, test_y)
