@@ -159,8 +159,8 @@ class MultiExpertModule(_TaskModule):
         backbone: backbone name (:func:`merging.models.build_backbone`).
         backbone_kwargs: its constructor arguments.
         in_chans: input channels.
-        base_checkpoint: θ₀ file (safetensors / torch / Lightning ckpt); None: the
-            backbone's random initialisation is the base.
+        base_checkpoint: θ₀ file (safetensors / torch / Lightning ckpt), loaded in ``setup``
+            when a fit starts; None: the backbone's random initialisation is the base.
         base_prefix: key prefix to strip from ``base_checkpoint`` (e.g. ``"skeleton."``).
         task_names: task names (default: from the datamodule).
         num_classes: classes per task (default: from the datamodule).
@@ -185,8 +185,8 @@ class MultiExpertModule(_TaskModule):
     ) -> None:
         super().__init__(backbone, backbone_kwargs, in_chans, task_names, num_classes, lr, weight_decay)
         self.save_hyperparameters()
-        if base_checkpoint is not None:
-            self.skeleton.load_state_dict(load_state_dict(base_checkpoint, prefix=base_prefix), strict=True)
+        self.base_checkpoint = base_checkpoint
+        self.base_prefix = base_prefix
         self.skeleton.requires_grad_(False)
         self.export_dir = export_dir
         self.experts: nn.ModuleList | None = None
@@ -197,9 +197,17 @@ class MultiExpertModule(_TaskModule):
         self.experts = nn.ModuleList(copy.deepcopy(self.skeleton).requires_grad_(True) for _ in self.num_classes)
 
     def setup(self, stage: str) -> None:
+        """Build heads/experts if the datamodule gives the tasks; at the start of fit, load θ₀
+        from ``base_checkpoint`` into the skeleton and start every expert from it (a resumed
+        fit then restores its checkpoint over them, as Lightning restores after ``setup``)."""
         super().setup(stage)
         if self.experts is None:
             self._build_experts()
+        if stage == "fit" and self.base_checkpoint is not None:
+            base = load_state_dict(self.base_checkpoint, prefix=self.base_prefix)
+            self.skeleton.load_state_dict(base, strict=True)
+            for expert in self.experts:
+                expert.load_state_dict(base, strict=True)
 
     # ---------------------------------------------------------------- HasExperts
     def expert_state_dicts(self) -> list[StateDict]:

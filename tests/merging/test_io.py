@@ -80,6 +80,9 @@ def test_truncated_and_non_state_dict_files(tmp_path):
     torch.save({"w": torch.ones(2), "lr": 0.1}, tmp_path / "mixed.pt")
     with pytest.raises(StateDictError, match="key 'lr' holds a float"):
         load_state_dict(tmp_path / "mixed.pt")
+    (tmp_path / "notes.pt").write_text("# not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="notes.pt: not a torch checkpoint"):
+        load_state_dict(tmp_path / "notes.pt")
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         load_state_dict(tmp_path / "missing.safetensors")
 
