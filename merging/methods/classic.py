@@ -111,6 +111,44 @@ def disjoint_mean(trimmed: Tensor, sign: Tensor) -> Tensor:
     return sign * agreeing.sum(dim=0) / count
 
 
+def ties_disjoint_merge(tau: Tensor, thresholds: Tensor) -> Tensor:
+    """TIES trim, elect and disjoint mean in one sweep:
+    ``disjoint_mean(t, elect_sign(t))`` with ``t = trim_to_density(tau, ·, thresholds)``.
+
+    The same result from four sums over the experts instead of a chain of ``(K, *shape)``
+    temporaries. With the kept entries t_j (|τ_j| ≥ threshold_j, τ_j ≠ 0), S = Σ_j t_j,
+    A = Σ_j |t_j|, C = #kept and P = Σ_j sign(t_j): the elected sign is s = sign(S) (+ when
+    S = 0), the agreeing values sum to s·(|S| + A)/2 (no cancellation: s·S = |S|) and
+    number (C + s·P)/2, so the mean is s·(|S| + A)/(C + s·P), and 0 with no agreeing value.
+    Ties at the threshold are kept; zeros never count. Equal to the step-by-step functions
+    up to float rounding of the sums.
+
+    Args:
+        tau: task vectors of one entry, shape ``(K, *shape)``; modified in place (it ends
+            up holding the trimmed values).
+        thresholds: ``(K,)`` magnitude thresholds; 0 keeps every non-zero entry, ``+inf``
+            none.
+
+    Returns:
+        The merged task vector, shape ``(*shape)``.
+    """
+    flat = tau.reshape(tau.shape[0], -1)
+    smallest = torch.nextafter(torch.zeros((), dtype=flat.dtype), torch.ones((), dtype=flat.dtype))
+    # Thresholds of at least the smallest subnormal: a kept entry is never zero.
+    floor = thresholds.to(flat.dtype).clamp(min=smallest).unsqueeze(1)
+    work = flat.abs()
+    keep = torch.ge(work, floor, out=work)  # float 0/1: bool masks are several times slower
+    count = keep.sum(dim=0)
+    trimmed = flat.mul_(keep)
+    total = trimmed.sum(dim=0)
+    mass = torch.abs(trimmed, out=work).sum(dim=0)
+    balance = torch.sign(trimmed, out=work).sum(dim=0)
+    sign = total.ge(0).to(flat.dtype).mul_(2).sub_(1)
+    agreeing_sum = total.abs_().add_(mass).mul_(sign)  # 2 · Σ agreeing t_j
+    agreeing_count = balance.mul_(sign).add_(count).clamp_(min=2)  # 2 · #agreeing, ≥ 2
+    return agreeing_sum.div_(agreeing_count).reshape(tau.shape[1:])
+
+
 def dare_drop(tau: Tensor, drop_rate: float, generator: torch.Generator) -> Tensor:
     """DARE *drop and rescale*: drop each entry with probability p, rescale survivors by 1/(1−p).
 
@@ -137,23 +175,38 @@ def entry_generator(seed: int, key: str) -> torch.Generator:
 # --------------------------------------------------------- global threshold, streamed
 
 
+_SAMPLE_RUN = 8
+"""Consecutive entries per sampled run of the threshold bracket (a cache line of fp32)."""
+
+_BRACKET_BLOCK = 32
+"""Block size of the bracket search: only blocks holding a bracket member are compacted."""
+
+_THRESHOLD_CHUNK = 1 << 18
+"""Entries per expert in one slice of the threshold pass."""
+
+
 def global_magnitude_thresholds(
     experts: Sequence[Mapping[str, Tensor]],
     base: Mapping[str, Tensor],
     keys: Sequence[str],
     density: float,
     transform=None,
-    sample_target: int = 1 << 20,
+    sample_target: int = 1 << 18,
 ) -> Tensor:
     """Exact per-expert global magnitude threshold over whole task vectors, without
     concatenating them.
 
     The n-th largest |τ_j| over all ``keys`` (n = ⌊density · N⌋) is found in two passes:
-    a strided sample of every tensor brackets it between two sample quantiles; one pass
-    then counts the entries above the bracket and gathers the few inside it, and the
-    exact threshold is selected among those. If the bracket misses (rare: adversarially
-    structured tensors), it widens and the pass repeats for the experts concerned, so the
-    result is always exact. Peak extra memory: one stacked entry plus the bracket's contents.
+    a sample of every tensor (runs of a few consecutive entries at a fixed period)
+    brackets it between two sample order statistics [lo, hi]; one pass then counts the
+    entries above ``hi`` and gathers the few inside the bracket, and the exact threshold is
+    selected among those. The pass keeps boolean work off the bulk of the data: it counts
+    with float comparisons, finds the blocks of ``_BRACKET_BLOCK`` entries whose
+    ``min |a − (lo+hi)/2|`` could fall in the bracket, and compacts those blocks only (with
+    exact ``lo ≤ a ≤ hi`` tests, so the block filter never decides membership). If the
+    bracket misses (rare: adversarially structured tensors), it widens and the pass repeats
+    for the experts concerned, so the result is always exact. Peak extra memory: a few
+    ``(K, _THRESHOLD_CHUNK)`` slices plus the bracket's contents.
 
     Args:
         experts: θ_1..θ_K.
@@ -161,11 +214,12 @@ def global_magnitude_thresholds(
         keys: the floating-point entries forming the task vector.
         density: fraction kept per expert.
         transform: optional ``f(key, tau (K, *shape)) -> tau`` applied before thresholding
-            (DARE's drop-and-rescale, which must be deterministic per key).
+            (DARE's drop-and-rescale, which must be deterministic per key); entries are
+            then taken whole and the sample is skipped.
         sample_target: about how many sampled entries per expert bracket the threshold.
 
     Returns:
-        ``(K,)`` thresholds (``+inf`` when nothing is kept).
+        ``(K,)`` float32 thresholds (``+inf`` when nothing is kept).
     """
     num_experts = len(experts)
     total = sum(base[key].numel() for key in keys)
@@ -173,64 +227,153 @@ def global_magnitude_thresholds(
     if n == 0 or total == 0:
         return torch.full((num_experts,), math.inf)
 
-    def magnitude_chunks(key: str, stride: int = 1):
-        """|τ| of one entry, ``(K, chunk)`` slices (every ``stride``-th entry)."""
-        ref = base[key]
-        acc = accumulation_dtype(ref.dtype)
-        flat_base = ref.reshape(-1)[::stride]
-        flats = [e[key].reshape(-1)[::stride] for e in experts]
-        step = DEFAULT_CHUNK if transform is None else flat_base.numel()
-        for start in range(0, flat_base.numel(), step):
-            stop = min(start + step, flat_base.numel())
-            tau = torch.stack([f[start:stop] for f in flats]).to(acc).sub_(flat_base[start:stop].to(acc))
-            if transform is not None:
-                tau = transform(key, tau)
-            yield tau.abs_()
+    def magnitudes(key: str, flats: list[Tensor], flat_base: Tensor, start: int, stop: int, out: Tensor) -> Tensor:
+        """|τ| of entries [start, stop) of one entry as float32 ``(K, stop − start)``."""
+        if transform is not None:
+            acc = accumulation_dtype(base[key].dtype)
+            tau = torch.stack([e[key] for e in experts]).to(acc).sub_(base[key].to(acc))
+            return transform(key, tau).reshape(num_experts, -1).abs_().float()
+        if flat_base.dtype == torch.float32:
+            # Copy and subtract in one pass per expert, into the reused slice buffer.
+            for j, flat in enumerate(flats):
+                torch.sub(flat[start:stop], flat_base[start:stop], out=out[j])
+            return out.abs_()
+        acc = accumulation_dtype(flat_base.dtype)
+        tau = torch.stack([f[start:stop] for f in flats]).to(acc).sub_(flat_base[start:stop].to(acc))
+        return tau.abs_().float()
 
-    stride = max(1, total // sample_target) if transform is None else 1
-    if stride > 1:
-        sample = torch.cat([c for key in keys for c in magnitude_chunks(key, stride)], dim=1).float()
-        m = sample.shape[1]
-        q = 1.0 - n / total
-        margin = 4.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
-        lo = torch.quantile(sample, max(0.0, q - margin), dim=1)
-        hi = torch.quantile(sample, min(1.0, q + margin), dim=1)
-        lo[q - margin <= 0] = 0.0
-        hi[q + margin >= 1] = math.inf
-    else:
-        lo = torch.zeros(num_experts)
-        hi = torch.full((num_experts,), math.inf)
-
+    lo, hi = _sample_bracket(experts, base, keys, n, total, sample_target if transform is None else 0)
     thresholds = torch.empty(num_experts)
-    pending = torch.arange(num_experts)
-    while len(pending):
-        above = torch.zeros(num_experts)
+    misses = [False] * num_experts
+    pending = list(range(num_experts))
+    while pending:
+        rows = torch.tensor(pending)
+        lo_p, hi_p = lo[rows, None], hi[rows, None]
+        above = torch.zeros(len(pending), dtype=torch.float64)
         inside: list[list[Tensor]] = [[] for _ in pending]
-        everyone = len(pending) == num_experts
-        lo_p, hi_p = lo[pending, None], hi[pending, None]
         for key in keys:
-            for a in magnitude_chunks(key):
-                a = (a if everyone else a[pending]).float()
-                above[pending] += torch.gt(a, hi_p, out=torch.empty_like(a)).sum(dim=1)
-                mask = (a >= lo_p) & (a <= hi_p)
-                # Boolean indexing is row-major, so the values come grouped by expert.
-                for row, values in enumerate(a[mask].split(mask.sum(dim=1).tolist())):
-                    inside[row].append(values)
+            flat_base = base[key].reshape(-1)
+            flats = [e[key].reshape(-1) for e in experts]
+            numel = flat_base.numel()
+            step = _THRESHOLD_CHUNK if transform is None else numel
+            buffer = torch.empty(num_experts, min(step, numel))
+            scratch = torch.empty(len(pending), min(step, numel))
+            for start in range(0, numel, step):
+                stop = min(start + step, numel)
+                a = magnitudes(key, flats, flat_base, start, stop, buffer[:, : stop - start])
+                if len(pending) < num_experts:
+                    a = a[rows]
+                # Slice counts stay below 2^24, so the float32 sum is exact.
+                above += torch.gt(a, hi_p, out=scratch[:, : stop - start]).sum(dim=1)
+                for row, values in enumerate(_bracket_members(a, lo_p, hi_p, scratch[:, : stop - start])):
+                    if values.numel():
+                        inside[row].append(values)
         still = []
-        for pieces, j in zip(inside, pending.tolist()):
-            cand = torch.cat(pieces)
-            r = n - int(above[j])
+        for row, j in enumerate(pending):
+            cand = torch.cat(inside[row]) if inside[row] else torch.empty(0)
+            r = n - int(above[row])
             if 1 <= r <= cand.numel():
                 thresholds[j] = torch.kthvalue(cand, cand.numel() - r + 1).values
             else:
-                # The bracket missed the n-th largest value: open the side it fell beyond.
-                if r < 1:
+                # The bracket missed the n-th largest value: open the side it fell beyond
+                # (a second miss opens both: the pass is then unfiltered and cannot miss).
+                if r < 1 or misses[j]:
                     hi[j] = math.inf
-                else:
+                if r >= 1 or misses[j]:
                     lo[j] = 0.0
+                misses[j] = True
                 still.append(j)
-        pending = torch.tensor(still, dtype=torch.long)
+        pending = still
     return thresholds
+
+
+def _sample_bracket(
+    experts: Sequence[Mapping[str, Tensor]],
+    base: Mapping[str, Tensor],
+    keys: Sequence[str],
+    n: int,
+    total: int,
+    sample_target: int,
+) -> tuple[Tensor, Tensor]:
+    """``(K,)`` bounds [lo, hi] that hold the n-th largest |τ_j| with high probability:
+    sample order statistics 4 standard errors either side of the target quantile. The
+    sample is every ``period``-th run of :data:`_SAMPLE_RUN` consecutive entries, so it reads
+    a small fraction of memory. Without a sample (small models): [0, +inf]."""
+    num_experts = len(experts)
+    run = _SAMPLE_RUN
+    period = (total // sample_target) * run if sample_target > 0 else 0
+    pieces = []
+    if period > run:
+        for key in keys:
+            numel = base[key].numel()
+            whole = numel // period * period
+            if whole == 0:
+                continue
+            acc = accumulation_dtype(base[key].dtype)
+            runs = [e[key].reshape(-1)[:whole].view(-1, period)[:, :run] for e in experts]
+            flat_base = base[key].reshape(-1)[:whole].view(-1, period)[:, :run].to(acc)
+            tau = torch.stack(runs).to(acc).sub_(flat_base)
+            pieces.append(tau.abs_().reshape(num_experts, -1).float())
+    m = sum(p.shape[1] for p in pieces)
+    if m < 2 * run:
+        return torch.zeros(num_experts), torch.full((num_experts,), math.inf)
+    sample = torch.cat(pieces, dim=1)
+    q = 1.0 - n / total
+    margin = 4.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
+    lo_rank, hi_rank = math.floor((q - margin) * m), math.ceil((q + margin) * m)
+    lo = torch.zeros(num_experts)
+    hi = torch.full((num_experts,), math.inf)
+    ranks = [(rank, out) for rank, out in ((lo_rank, lo), (hi_rank, hi)) if 1 <= rank <= m]
+    # Select the two order statistics within a coarse bracket from every 16th sample
+    # (selection costs about 25 ns an entry: the full sample would cost more than the pass).
+    coarse = sample[:, ::16]
+    mc = coarse.shape[1]
+    wide = 6.0 * math.sqrt(max(q * (1 - q), 1.0 / mc) / mc) + 2.0 / mc + margin
+    c_lo_rank, c_hi_rank = math.floor((q - wide) * mc), math.ceil((q + wide) * mc)
+    c_lo = coarse.kthvalue(c_lo_rank, dim=1).values if c_lo_rank >= 1 else torch.full((num_experts,), -math.inf)
+    c_hi = coarse.kthvalue(c_hi_rank, dim=1).values if c_hi_rank <= mc else torch.full((num_experts,), math.inf)
+    for j, row in enumerate(sample):
+        within = row[(row >= c_lo[j]) & (row <= c_hi[j])]
+        below = int(torch.lt(row, c_lo[j]).sum())
+        for rank, out in ranks:
+            if 1 <= rank - below <= within.numel():
+                out[j] = within.kthvalue(rank - below).values
+            else:  # the coarse bracket missed: select in the whole row
+                out[j] = row.kthvalue(rank).values
+    return lo, hi
+
+
+def _bracket_members(a: Tensor, lo: Tensor, hi: Tensor, scratch: Tensor) -> list[Tensor]:
+    """Per row of ``a`` ``(R, W)``, the values with ``lo ≤ a ≤ hi`` (``(R, 1)`` bounds).
+
+    Only blocks of :data:`_BRACKET_BLOCK` entries whose minimum distance to the bracket's
+    centre is within (slightly more than) its half width are compacted; membership itself
+    is decided by the exact comparisons. ``scratch`` is a float buffer shaped like ``a``.
+    """
+    rows, width = a.shape
+    full = width // _BRACKET_BLOCK * _BRACKET_BLOCK
+    if not bool(torch.isfinite(hi).all()) or full == 0:
+        mask = (a >= lo) & (a <= hi)
+        return list(a[mask].split(mask.sum(dim=1).tolist()))
+    mid = (lo + hi) / 2
+    # Widened by the rounding of mid and of |a − mid| (a few ulps of hi), so that every
+    # member's block passes the filter: a superset, never a decision.
+    eps = torch.finfo(torch.float32).eps
+    half = (hi - lo) * (0.5 + 2 * eps) + 4 * eps * hi + torch.finfo(torch.float32).tiny
+    distance = torch.sub(a, mid, out=scratch).abs_()
+    blocks = distance[:, :full].reshape(rows, -1, _BRACKET_BLOCK)
+    hit = (blocks.amin(dim=2) <= half).view(-1).nonzero().squeeze(1)
+    cand = a[:, :full].reshape(-1, _BRACKET_BLOCK).index_select(0, hit)
+    cand_rows = hit // blocks.shape[1]
+    mask = (cand >= lo[cand_rows]) & (cand <= hi[cand_rows])
+    counts = torch.zeros(rows, dtype=torch.long).index_add_(0, cand_rows, mask.sum(dim=1))
+    members = cand[mask].split(counts.tolist())
+    if full == width:
+        return list(members)
+    tail = a[:, full:]
+    tail_mask = (tail >= lo) & (tail <= hi)
+    tails = tail[tail_mask].split(tail_mask.sum(dim=1).tolist())
+    return [torch.cat([m, t]) for m, t in zip(members, tails)]
 
 
 # ------------------------------------------------------------------------- methods
@@ -347,9 +490,12 @@ class TiesMerging(MergeMethod):
 
     def merge_tensor(self, key: str, experts: Tensor, base: Tensor | None, context: dict[str, Any]) -> Tensor:
         tau = self.sparsify(key, experts.sub_(base))
-        if self.density < 1.0:
-            tau = trim_to_density(tau, self.density, context["thresholds"])
-        return base + self.scaling * disjoint_mean(tau, elect_sign(tau))
+        thresholds = context["thresholds"]
+        if self.density >= 1.0:
+            thresholds = torch.zeros(tau.shape[0], dtype=tau.dtype, device=tau.device)
+        elif thresholds is None:
+            thresholds = magnitude_threshold(tau.reshape(tau.shape[0], -1).abs(), self.density)
+        return base + self.scaling * ties_disjoint_merge(tau, thresholds)
 
 
 @register_method
@@ -434,5 +580,6 @@ __all__ = [
     "global_magnitude_thresholds",
     "keep_count",
     "magnitude_threshold",
+    "ties_disjoint_merge",
     "trim_to_density",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from merging.methods.classic import (
     disjoint_mean,
     elect_sign,
     global_magnitude_thresholds,
+    ties_disjoint_merge,
     trim_to_density,
 )
 
@@ -278,3 +280,55 @@ def test_weight_count_must_match_experts():
     experts, _ = random_states(3)
     with pytest.raises(ValueError, match="2 weights given for 3 experts"):
         get_method("average", weights=[1.0, 1.0]).merge(experts)
+
+
+# ---------------------------------------------------------------- fast paths
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+def test_fused_ties_merge_matches_step_by_step(k):
+    g = torch.Generator().manual_seed(k)
+    tau = torch.randint(-3, 4, (k, 400), generator=g).float() * 0.25  # many ties, zeros, cancellations
+    tau[:, :7] = 0.0  # all-zero columns
+    tau[:, 7] = torch.tensor([0.5, -0.5] * (k // 2) + [0.0] * (k % 2))  # zero sign sum elects +
+    thresholds = torch.rand(k, generator=g) * 0.6
+    thresholds[0] = 0.5  # entries at the threshold are kept
+    if k > 1:
+        thresholds[1] = math.inf  # this expert keeps nothing
+    ref_trimmed = trim_to_density(tau, 0.0, thresholds)
+    expected = disjoint_mean(ref_trimmed, elect_sign(ref_trimmed))
+    got = ties_disjoint_merge(tau.clone(), thresholds)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    if k > 1:
+        assert got[7] == 0.5  # the elected + side, mean of the +0.5 values
+
+
+def test_fused_ties_merge_zero_threshold_never_counts_zeros():
+    tau = torch.tensor([[0.0, 2.0, -1.0], [4.0, 0.0, 0.0], [0.0, 0.0, -3.0]])
+    got = ties_disjoint_merge(tau.clone(), torch.zeros(3))
+    assert got.tolist() == [4.0, 2.0, -2.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.9])
+def test_global_threshold_exact_across_slices_blocks_and_tails(monkeypatch, dtype, density):
+    import merging.methods.classic as classic
+
+    # Small slices so that one entry spans several slices with ragged tails (not a multiple
+    # of the bracket block), and a small sample so that the block-filtered path is used.
+    monkeypatch.setattr(classic, "_THRESHOLD_CHUNK", 1000)
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(97, 53, generator=g).to(dtype), "b": torch.randn(61, generator=g).to(dtype)}
+    base["z"] = torch.zeros(40, 41, dtype=dtype)
+    experts = []
+    for j in range(3):
+        e = {k: v + (torch.randn(v.shape, generator=g) * (j + 1) * 0.1).to(dtype) for k, v in base.items()}
+        e["z"] = torch.full((40, 41), 0.5 * (j + 1), dtype=dtype)  # a block of repeated values
+        experts.append(e)
+    keys = list(base)
+    thr = global_magnitude_thresholds(experts, base, keys, density, sample_target=500)
+    for j, e in enumerate(experts):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32  # |τ| as float32 after
+        flat = torch.cat([(e[k].to(acc) - base[k].to(acc)).flatten() for k in keys]).abs().float()
+        n = int(density * flat.numel())
+        assert thr[j] == torch.sort(flat, descending=True).values[n - 1], (j, dtype, density)
