@@ -51,11 +51,9 @@ from merging.methods import MergeMethod, available_methods, get_method
 from merging.state import (
     SourcedStateDict,
     StateDictError,
-    accumulation_dtype,
     check_compatible,
     check_finite,
     describe,
-    is_mergeable,
 )
 
 log = logging.getLogger(__name__)
@@ -364,7 +362,8 @@ def merge_files(
 
         def merged_entries() -> Iterator[tuple[str, Tensor]]:
             for key, spec in layout.items():
-                yield key, merge_entry(method, key, spec, experts, base, context)
+                base_value = base[key] if base is not None else None
+                yield key, method.merge_entry(key, _EntryValues(experts, key), base_value, context)
                 _advance(bar, task)
 
         stream_safetensors(out_path, layout, merged_entries(), metadata)
@@ -375,50 +374,20 @@ def merge_files(
     return out_path
 
 
-def merge_entry(
-    method: MergeMethod,
-    key: str,
-    spec: Tensor,
-    experts: Sequence[Mapping[str, Tensor]],
-    base: Mapping[str, Tensor] | None,
-    context: Any,
-) -> Tensor:
-    """One entry of ``method.merge(experts, base)``, reading each input's value once.
+class _EntryValues(Sequence):
+    """One entry's values across lazy state dicts, each read when it is indexed (not cached)."""
 
-    The per-entry dispatch of :meth:`MergeMethod.merge`: non-float entries are copied from
-    the base (or expert 0); a whole-entry method gets the ``(K, *shape)`` stack in the
-    accumulation dtype (filled in place, so K values plus the stack are never alive
-    together); an elementwise method (``chunk_size()`` set) gets flat slices through
-    ``MergeMethod._merge_chunked``. The result is in ``spec``'s dtype.
+    def __init__(self, states: Sequence[Mapping[str, Tensor]], key: str) -> None:
+        self.states = states
+        self.key = key
 
-    Args:
-        method: the merge method.
-        key: the entry.
-        spec: a tensor (e.g. ``meta``) of the entry's shape and dtype.
-        experts: θ_1..θ_K (lazy or in memory).
-        base: θ₀ or None.
-        context: what ``method.prepare`` returned.
+    def __len__(self) -> int:
+        return len(self.states)
 
-    Returns:
-        The merged value, shape and dtype of ``spec``.
-    """
-    if not is_mergeable(spec):
-        return (base if base is not None else experts[0])[key]
-    chunk = method.chunk_size()
-    if chunk is not None:
-        # Single-entry dicts: _merge_chunked indexes its inputs more than once.
-        values = [{key: e[key]} for e in experts]
-        base_value = {key: base[key]} if base is not None else None
-        return method._merge_chunked(key, values, base_value, context, chunk)
-    acc = accumulation_dtype(spec.dtype)
-    stacked = torch.empty((len(experts), *spec.shape), dtype=acc)
-    for j, expert in enumerate(experts):
-        stacked[j].copy_(expert[key])
-    base_t = base[key].to(acc) if base is not None else None
-    return method.merge_tensor(key, stacked, base_t, context).to(spec.dtype)
-
-
-# ------------------------------------------------------------------ progress display
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self.states[i][self.key] for i in range(*j.indices(len(self)))]
+        return self.states[j][self.key]
 
 
 def _progress_bar() -> Progress:
@@ -506,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
 
 
-__all__ = ["LazySafetensors", "SAFETENSORS_DTYPES", "merge_entry", "merge_files", "parse_hparams", "stream_safetensors"]
+__all__ = ["LazySafetensors", "SAFETENSORS_DTYPES", "merge_files", "parse_hparams", "stream_safetensors"]
 
 
 if __name__ == "__main__":

@@ -79,28 +79,52 @@ class MergeMethod(ABC):
         check_compatible(experts, base)
         context = self.prepare(experts, base, model=model, data=data)
         merged: StateDict = {}
-        chunk = self.chunk_size()
-        for key, ref in experts[0].items():
-            if not is_mergeable(ref):
-                merged[key] = (base if base is not None else experts[0])[key].clone()
-            elif chunk is None:
-                acc = accumulation_dtype(ref.dtype)
-                stacked = torch.stack([e[key].to(acc) for e in experts])
-                base_t = base[key].to(acc) if base is not None else None
-                merged[key] = self.merge_tensor(key, stacked, base_t, context).to(ref.dtype)
-            else:
-                merged[key] = self._merge_chunked(key, experts, base, context, chunk)
+        for key in experts[0].keys():
+            values = [e[key] for e in experts]
+            merged[key] = self.merge_entry(key, values, base[key] if base is not None else None, context)
         return merged
 
-    def _merge_chunked(self, key, experts, base, context, chunk: int) -> Tensor:
+    def merge_entry(self, key: str, values: Sequence[Tensor], base: Tensor | None, context: Any) -> Tensor:
+        """Merge one entry, given its K values (the per-entry step of :meth:`merge`, public so
+        that streamed merges from files run exactly the same code).
+
+        Non-float entries are copied from the base (or the first expert). Otherwise the values
+        are stacked to ``(K, *shape)`` in the accumulation dtype, one at a time (so a lazy
+        sequence that reads each value on access holds one value beside the stack), and passed
+        to :meth:`merge_tensor`, or, for elementwise methods, in flat slices.
+
+        Args:
+            key: the state-dict key.
+            values: θ_1..θ_K's values of this entry (a sequence; may read on access).
+            base: θ₀'s value, or None.
+            context: what :meth:`prepare` returned.
+
+        Returns:
+            The merged value, in the experts' shape and dtype.
+        """
+        first = values[0]
+        if not is_mergeable(first):
+            return (base if base is not None else first).clone()
+        chunk = self.chunk_size()
+        if chunk is not None:
+            return self._merge_chunked(key, [first, *(values[j] for j in range(1, len(values)))], base, context, chunk)
+        acc = accumulation_dtype(first.dtype)
+        stacked = torch.empty((len(values), *first.shape), dtype=acc, device=first.device)
+        stacked[0].copy_(first)
+        for j in range(1, len(values)):
+            stacked[j].copy_(values[j])
+        base_t = base.to(acc) if base is not None else None
+        return self.merge_tensor(key, stacked, base_t, context).to(first.dtype)
+
+    def _merge_chunked(self, key: str, values: list[Tensor], base: Tensor | None, context: Any, chunk: int) -> Tensor:
         """Elementwise methods: merge an entry in flat slices of ``chunk`` entries per expert,
         so every intermediate stays cache-sized and no ``(K, *shape)`` copy is made."""
-        ref = experts[0][key]
+        ref = values[0]
         acc = accumulation_dtype(ref.dtype)
-        flats = [e[key].reshape(-1) for e in experts]
-        flat_base = base[key].reshape(-1) if base is not None else None
+        flats = [v.reshape(-1) for v in values]
+        flat_base = base.reshape(-1) if base is not None else None
         out = torch.empty(ref.numel(), dtype=ref.dtype, device=ref.device)
-        buffer = torch.empty(len(experts), min(chunk, ref.numel()), dtype=acc, device=ref.device)
+        buffer = torch.empty(len(values), min(chunk, ref.numel()), dtype=acc, device=ref.device)
         for start in range(0, ref.numel(), chunk):
             stop = min(start + chunk, ref.numel())
             stacked = buffer[:, : stop - start]
