@@ -169,7 +169,7 @@ def run_seed(
         evaluate(f"expert {j} ({name})", EnsembleModule(bundle_dir, members=[j]))
     step("ensemble and experts evaluated")
     for name, hparams in methods.items():
-        evaluate(name, MergedModule(bundle_dir, method=get_method(name, **hparams), seed=seed))
+        evaluate(name, MergedModule(bundle_dir, method=get_method(name, **hparams), report_ensemble=False, seed=seed))
         step(f"merged: {name}")
     if args.neulig_epochs:
         rows += neulig_rows(seed, bundle_dir, data, args.neulig_epochs)
