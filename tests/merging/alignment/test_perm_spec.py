@@ -29,15 +29,6 @@ from merging.alignment import (
 from merging.models import MLP, SmallCNN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CI machine's cores are shared; one intra-op thread avoids oversubscription.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random weights and BatchNorm statistics, so that no tensor is left symmetric."""
     g = torch.Generator().manual_seed(seed)
