@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from merging.methods import available_methods, get_method
+from merging.methods import _kernels, available_methods, get_method
 from merging.methods.classic import (
     Dare,
     TiesMerging,
@@ -30,6 +30,17 @@ def random_states(k: int, seed: int = 0, dtype=torch.float32, scale: float = 0.1
         e = {n: (v + scale * torch.randn(v.shape, generator=g).to(dtype)) if v.is_floating_point() else v + j + 1 for n, v in base.items()}
         experts.append(e)
     return experts, base
+
+
+@pytest.fixture(params=["fused", "torch"])
+def path(request):
+    """Run a test on the fused CPU kernels (numba) and on the torch path."""
+    if request.param == "torch":
+        with _kernels.disabled():
+            yield request.param
+    else:
+        assert _kernels.available([torch.zeros(1)]), "numba kernels unavailable"
+        yield request.param
 
 
 # ---------------------------------------------------------------- naive references
@@ -87,7 +98,7 @@ def test_registry_lists_classic_methods_and_rejects_unknown():
 
 
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.2, 0.5, 1.0])
-def test_global_ties_matches_naive_definition(density):
+def test_global_ties_matches_naive_definition(density, path):
     experts, base = random_states(3, seed=1)
     merged = get_method("ties", density=density, scaling=0.7).merge(experts, base)
     ref = naive_ties(experts, base, density, 0.7)
@@ -95,7 +106,7 @@ def test_global_ties_matches_naive_definition(density):
         torch.testing.assert_close(merged[k], v, atol=1e-6, rtol=1e-6)
 
 
-def test_global_threshold_exact_with_sampling_path():
+def test_global_threshold_exact_with_sampling_path(path):
     # Large enough that the strided-sample bracket is used (sample_target small).
     g = torch.Generator().manual_seed(3)
     base = {f"w{i}": torch.zeros(300, 70) for i in range(5)}
@@ -108,7 +119,7 @@ def test_global_threshold_exact_with_sampling_path():
         assert thr[j] == torch.sort(flat, descending=True).values[n - 1]
 
 
-def test_global_threshold_exact_when_bracket_misses():
+def test_global_threshold_exact_when_bracket_misses(path):
     # Constant blocks defeat a strided sample; the widening pass must still be exact.
     base = {"w": torch.zeros(100, 100), "v": torch.zeros(50, 100)}
     e = {"w": torch.ones(100, 100), "v": torch.arange(5000.0).reshape(50, 100) + 2}
@@ -311,7 +322,7 @@ def test_fused_ties_merge_zero_threshold_never_counts_zeros():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("density", [0.01, 0.2, 0.9])
-def test_global_threshold_exact_across_slices_blocks_and_tails(monkeypatch, dtype, density):
+def test_global_threshold_exact_across_slices_blocks_and_tails(monkeypatch, dtype, density, path):
     import merging.methods.classic as classic
 
     # Small slices so that one entry spans several slices with ragged tails (not a multiple
@@ -332,3 +343,58 @@ def test_global_threshold_exact_across_slices_blocks_and_tails(monkeypatch, dtyp
         flat = torch.cat([(e[k].to(acc) - base[k].to(acc)).flatten() for k in keys]).abs().float()
         n = int(density * flat.numel())
         assert thr[j] == torch.sort(flat, descending=True).values[n - 1], (j, dtype, density)
+
+
+@pytest.mark.parametrize("hparams", [{"density": 0.2}, {"density": 0.05, "scaling": 0.7}, {"density": 1.0}, {"density": 0.0}, {"density": 0.3, "scope": "tensor"}])
+def test_fused_kernels_agree_with_torch_path(hparams):
+    # Entries larger than one kernel block (4096) with ragged tails, a tiny one, repeated
+    # magnitudes (ties at the threshold) and exact zeros in the task vectors.
+    g = torch.Generator().manual_seed(11)
+    shapes = {"w": (130, 70), "v": (5000,), "b": (3,), "q": (64, 64)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    experts = []
+    for j in range(5):
+        e = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        e["q"] = base["q"] + 0.25 * torch.randint(-2, 3, (64, 64), generator=g).float()
+        experts.append(e)
+    method = get_method("ties", **hparams)
+    fused = method.merge(experts, base)
+    with _kernels.disabled():
+        reference = method.merge(experts, base)
+    for key, value in reference.items():
+        torch.testing.assert_close(fused[key], value, atol=1e-6, rtol=1e-6, msg=key)
+
+
+def test_threshold_scan_rescans_a_crowded_bracket(monkeypatch):
+    # More bracket members in one block than the kernel stores: the key is scanned again
+    # with room for all of them, and the threshold stays exact.
+    monkeypatch.setattr(_kernels, "_CAPACITY", 3)
+    g = torch.Generator().manual_seed(2)
+    base = {"w": torch.zeros(50, 40)}
+    experts = [{"w": torch.randint(1, 5, (50, 40), generator=g).float()} for _ in range(2)]
+    lo, hi = torch.full((2,), 2.0), torch.full((2,), 3.0)
+    above, members = _kernels.scan_bracket([e["w"] for e in experts], base["w"], lo, hi)
+    for j, e in enumerate(experts):
+        a = e["w"].flatten()
+        assert int(above[j]) == int((a > 3).sum())
+        assert torch.equal(members[j].sort().values, a[(a >= 2) & (a <= 3)].sort().values)
+    thr = global_magnitude_thresholds(experts, base, ["w"], 0.4)
+    for j, e in enumerate(experts):
+        flat = e["w"].flatten()
+        assert thr[j] == flat.sort(descending=True).values[int(0.4 * flat.numel()) - 1]
+
+
+def test_fused_kernels_follow_torch_thread_count():
+    import numba
+
+    before = numba.get_num_threads()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        experts, base = random_states(2)
+        with _kernels._threads():
+            assert numba.get_num_threads() == 1
+        get_method("ties").merge(experts, base)
+        assert numba.get_num_threads() == before  # restored after the merge
+    finally:
+        torch.set_num_threads(threads)

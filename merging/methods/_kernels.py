@@ -1,0 +1,204 @@
+"""Fused CPU kernels (numba) for the two passes of global TIES.
+
+The torch implementation of TIES (:func:`merging.methods.classic.ties_disjoint_merge`, the
+threshold pass of :func:`merging.methods.classic.global_magnitude_thresholds`) is a chain of
+about a dozen element-wise operations over ``(K, chunk)`` slices: each one reads and writes
+the slice again. Here each pass is one loop that reads every expert entry once and keeps the
+per-entry state in registers/cache-sized buffers, compiled by numba (``parallel=True`` over
+blocks of :data:`BLOCK` entries, ``cache=True`` so the compilation, a few seconds, happens
+once per machine).
+
+Scope: CPU, contiguous-or-reshapable float32 tensors; everything else (CUDA tensors, fp16,
+bf16, fp64) takes the torch path, which computes the same thing. Without numba installed, the
+torch path is used everywhere. :func:`disabled` switches the kernels off (tests compare the
+two paths).
+
+Threads: the kernels run on ``torch.get_num_threads()`` threads (capped by numba's own
+maximum), so ``torch.set_num_threads`` governs both paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:  # numba is a dependency; the torch path is kept for platforms without its wheels.
+    import numba
+    from numba import njit, prange
+    from numba.typed import List as _TypedList
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    numba = None
+
+BLOCK = 4096
+"""Entries of one key handled by one parallel task."""
+
+_MINI = 16
+"""Sub-block of the threshold scan: only sub-blocks holding a bracket member are compacted."""
+
+_CAPACITY = 256
+"""Bracket members stored per block and expert before the key is rescanned with more room."""
+
+_enabled = numba is not None and os.environ.get("MERGING_NO_NUMBA", "") in ("", "0")
+
+
+def available(tensors: Sequence[Tensor]) -> bool:
+    """Whether the kernels apply: numba present and enabled, every tensor a CPU float32."""
+    return _enabled and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the enclosed merges on the torch path (for comparisons and tests)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+@contextlib.contextmanager
+def _threads() -> Iterator[None]:
+    previous = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+def _flat_arrays(values: Sequence[Tensor]):
+    """A numba typed list of the values' flat float32 arrays (views when contiguous)."""
+    return _TypedList([v.detach().reshape(-1).numpy() for v in values])
+
+
+if numba is not None:
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def _scan_kernel(experts, b, lo, hi, above, counts, members):  # pragma: no cover - compiled
+        n = b.size
+        num_experts = len(experts)
+        capacity = members.shape[2]
+        for blk in prange(counts.shape[1]):
+            s0 = blk * BLOCK
+            s1 = min(n, s0 + BLOCK)
+            for j in range(num_experts):
+                e = experts[j]
+                low = lo[j]
+                high = hi[j]
+                n_above = 0
+                n_inside = 0
+                for m0 in range(s0, s1, _MINI):
+                    m1 = min(m0 + _MINI, s1)
+                    inside = 0
+                    for i in range(m0, m1):  # branch-free: vectorises
+                        m = abs(e[i] - b[i])
+                        n_above += m > high
+                        inside += (m >= low) & (m <= high)
+                    if inside:
+                        for i in range(m0, m1):
+                            m = abs(e[i] - b[i])
+                            if (m >= low) & (m <= high):
+                                if n_inside < capacity:
+                                    members[j, blk, n_inside] = m
+                                n_inside += 1
+                above[j, blk] = n_above
+                counts[j, blk] = n_inside
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def _ties_kernel(experts, b, thresholds, scaling, out):  # pragma: no cover - compiled
+        n = b.size
+        num_experts = len(experts)
+        one = np.float32(1.0)
+        zero = np.float32(0.0)
+        two = np.float32(2.0)
+        for blk in prange((n + BLOCK - 1) // BLOCK):
+            s0 = blk * BLOCK
+            w = min(n, s0 + BLOCK) - s0
+            total = np.zeros(w, np.float32)
+            mass = np.zeros(w, np.float32)
+            count = np.zeros(w, np.float32)
+            balance = np.zeros(w, np.float32)
+            for j in range(num_experts):
+                e = experts[j]
+                floor = thresholds[j]
+                for i in range(w):
+                    t = e[s0 + i] - b[s0 + i]
+                    m = abs(t)
+                    keep = one if m >= floor else zero
+                    t = t * keep
+                    total[i] += t
+                    mass[i] += m * keep
+                    count[i] += keep
+                    balance[i] += one if t > zero else (-one if t < zero else zero)
+            for i in range(w):
+                sign = one if total[i] >= zero else -one
+                agreeing = max(count[i] + sign * balance[i], two)
+                out[s0 + i] = b[s0 + i] + scaling * (sign * (abs(total[i]) + mass[i]) / agreeing)
+
+
+def scan_bracket(values: Sequence[Tensor], base: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """One entry's contribution to the global threshold search, in one pass.
+
+    Args:
+        values: the K experts' values of the entry (CPU float32, any shape).
+        base: θ₀'s value.
+        lo: ``(K,)`` lower ends of the brackets.
+        hi: ``(K,)`` upper ends.
+
+    Returns:
+        ``(K,)`` int64 counts of |τ_j| > hi_j, and per expert the values with
+        lo_j ≤ |τ_j| ≤ hi_j (float32, in no particular order).
+    """
+    experts = _flat_arrays(values)
+    b = base.detach().reshape(-1).numpy()
+    blocks = (b.size + BLOCK - 1) // BLOCK
+    k = len(values)
+    lo_np = lo.to(torch.float32).numpy()
+    hi_np = hi.to(torch.float32).numpy()
+    above = np.empty((k, blocks), np.int64)
+    counts = np.empty((k, blocks), np.int64)
+    capacity = min(_CAPACITY, BLOCK)
+    with _threads():
+        while True:
+            members = np.empty((k, blocks, capacity), np.float32)
+            _scan_kernel(experts, b, lo_np, hi_np, above, counts, members)
+            needed = int(counts.max()) if counts.size else 0
+            if needed <= capacity:
+                break
+            capacity = needed  # a crowded bracket (e.g. a wide one): rescan with room for all
+    kept = np.arange(capacity) < counts[:, :, None]
+    inside = [torch.from_numpy(members[j][kept[j]]) for j in range(k)]
+    return torch.from_numpy(above.sum(axis=1)), inside
+
+
+def ties_merge(values: Sequence[Tensor], base: Tensor, thresholds: Tensor, scaling: float) -> Tensor:
+    """θ₀ + λ · TIES(trim at ``thresholds``, elect, disjoint mean) of one entry, in one pass.
+
+    The same arithmetic as :func:`merging.methods.classic.ties_disjoint_merge` (float32 sums
+    over the experts in order), so the two paths agree to rounding.
+
+    Args:
+        values: the K experts' values (CPU float32).
+        base: θ₀'s value.
+        thresholds: ``(K,)`` magnitude thresholds (``+inf``: expert j keeps nothing).
+        scaling: λ.
+
+    Returns:
+        The merged value, shaped like ``base``.
+    """
+    experts = _flat_arrays(values)
+    b = base.detach().reshape(-1).numpy()
+    smallest = float(np.nextafter(np.float32(0), np.float32(1)))
+    floors = thresholds.to(torch.float32).clamp(min=smallest).numpy()
+    out = np.empty_like(b)
+    if b.size:
+        with _threads():
+            _ties_kernel(experts, b, floors, np.float32(scaling), out)
+    return torch.from_numpy(out).reshape(base.shape)
+
