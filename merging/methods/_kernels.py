@@ -20,6 +20,7 @@ maximum), so ``torch.set_num_threads`` governs both paths.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import Iterator, Sequence
 
@@ -27,12 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-try:  # numba is a dependency; the torch path is kept for platforms without its wheels.
-    import numba
-    from numba import njit, prange
-    from numba.typed import List as _TypedList
-except ImportError:  # pragma: no cover - exercised only where numba is missing
-    numba = None
+# numba is a dependency; the torch path is kept for platforms without its wheels. It is
+# imported on first use (it loads LLVM: about 110 MB of resident memory).
+_HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 BLOCK = 4096
 """Entries of one key handled by one parallel task."""
@@ -43,7 +41,7 @@ _MINI = 16
 _CAPACITY = 256
 """Bracket members stored per block and expert before the key is rescanned with more room."""
 
-_enabled = numba is not None and os.environ.get("MERGING_NO_NUMBA", "") in ("", "0")
+_enabled = _HAVE_NUMBA and os.environ.get("MERGING_NO_NUMBA", "") in ("", "0")
 
 
 def available(tensors: Sequence[Tensor]) -> bool:
@@ -64,6 +62,8 @@ def disabled() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _threads() -> Iterator[None]:
+    import numba
+
     previous = numba.get_num_threads()
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     try:
@@ -72,74 +72,17 @@ def _threads() -> Iterator[None]:
         numba.set_num_threads(previous)
 
 
+def _compiled():
+    from merging.methods import _numba_kernels
+
+    return _numba_kernels
+
+
 def _flat_arrays(values: Sequence[Tensor]):
     """A numba typed list of the values' flat float32 arrays (views when contiguous)."""
-    return _TypedList([v.detach().reshape(-1).numpy() for v in values])
+    from numba.typed import List
 
-
-if numba is not None:
-
-    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
-    def _scan_kernel(experts, b, lo, hi, above, counts, members):  # pragma: no cover - compiled
-        n = b.size
-        num_experts = len(experts)
-        capacity = members.shape[2]
-        for blk in prange(counts.shape[1]):
-            s0 = blk * BLOCK
-            s1 = min(n, s0 + BLOCK)
-            for j in range(num_experts):
-                e = experts[j]
-                low = lo[j]
-                high = hi[j]
-                n_above = 0
-                n_inside = 0
-                for m0 in range(s0, s1, _MINI):
-                    m1 = min(m0 + _MINI, s1)
-                    inside = 0
-                    for i in range(m0, m1):  # branch-free: vectorises
-                        m = abs(e[i] - b[i])
-                        n_above += m > high
-                        inside += (m >= low) & (m <= high)
-                    if inside:
-                        for i in range(m0, m1):
-                            m = abs(e[i] - b[i])
-                            if (m >= low) & (m <= high):
-                                if n_inside < capacity:
-                                    members[j, blk, n_inside] = m
-                                n_inside += 1
-                above[j, blk] = n_above
-                counts[j, blk] = n_inside
-
-    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
-    def _ties_kernel(experts, b, thresholds, scaling, out):  # pragma: no cover - compiled
-        n = b.size
-        num_experts = len(experts)
-        one = np.float32(1.0)
-        zero = np.float32(0.0)
-        two = np.float32(2.0)
-        for blk in prange((n + BLOCK - 1) // BLOCK):
-            s0 = blk * BLOCK
-            w = min(n, s0 + BLOCK) - s0
-            total = np.zeros(w, np.float32)
-            mass = np.zeros(w, np.float32)
-            count = np.zeros(w, np.float32)
-            balance = np.zeros(w, np.float32)
-            for j in range(num_experts):
-                e = experts[j]
-                floor = thresholds[j]
-                for i in range(w):
-                    t = e[s0 + i] - b[s0 + i]
-                    m = abs(t)
-                    keep = one if m >= floor else zero
-                    t = t * keep
-                    total[i] += t
-                    mass[i] += m * keep
-                    count[i] += keep
-                    balance[i] += one if t > zero else (-one if t < zero else zero)
-            for i in range(w):
-                sign = one if total[i] >= zero else -one
-                agreeing = max(count[i] + sign * balance[i], two)
-                out[s0 + i] = b[s0 + i] + scaling * (sign * (abs(total[i]) + mass[i]) / agreeing)
+    return List([v.detach().reshape(-1).numpy() for v in values])
 
 
 def scan_bracket(values: Sequence[Tensor], base: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -167,7 +110,7 @@ def scan_bracket(values: Sequence[Tensor], base: Tensor, lo: Tensor, hi: Tensor)
     with _threads():
         while True:
             members = np.empty((k, blocks, capacity), np.float32)
-            _scan_kernel(experts, b, lo_np, hi_np, above, counts, members)
+            _compiled()._scan_kernel(experts, b, lo_np, hi_np, above, counts, members)
             needed = int(counts.max()) if counts.size else 0
             if needed <= capacity:
                 break
@@ -199,6 +142,6 @@ def ties_merge(values: Sequence[Tensor], base: Tensor, thresholds: Tensor, scali
     out = np.empty_like(b)
     if b.size:
         with _threads():
-            _ties_kernel(experts, b, floors, np.float32(scaling), out)
+            _compiled()._ties_kernel(experts, b, floors, np.float32(scaling), out)
     return torch.from_numpy(out).reshape(base.shape)
 
