@@ -41,11 +41,20 @@ _MINI = 16
 _CAPACITY = 256
 """Bracket members stored per block and expert before the key is rescanned with more room."""
 
+MIN_ENTRIES = 1 << 20
+"""Smallest task vector (entries per expert, whole model) merged with the kernels: below it
+the torch path is as fast and importing numba and loading the compiled loops (about half a
+second) would dominate."""
+
 _enabled = _HAVE_NUMBA and os.environ.get("MERGING_NO_NUMBA", "") in ("", "0")
 
 
-def available(tensors: Sequence[Tensor]) -> bool:
-    """Whether the kernels apply: numba present and enabled, every tensor a CPU float32."""
+def available(tensors: Sequence[Tensor], total: int | None = None) -> bool:
+    """Whether the kernels apply: numba present and enabled, every tensor a CPU float32, and
+    (when ``total``, the entries per expert of the whole merge, is given) a merge of at least
+    :data:`MIN_ENTRIES` entries."""
+    if total is not None and total < MIN_ENTRIES:
+        return False
     return _enabled and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 

@@ -253,7 +253,7 @@ def global_magnitude_thresholds(
         above = torch.zeros(len(pending), dtype=torch.float64)
         inside: list[list[Tensor]] = [[] for _ in pending]
         for key in keys:
-            if transform is None and _kernels.available([base[key]]):
+            if transform is None and _kernels.available([base[key]], total):
                 values = [experts[j][key] for j in pending]
                 if _kernels.available(values):  # one fused pass (numba)
                     counts, members = _kernels.scan_bracket(values, base[key], lo[rows], hi[rows])
@@ -487,13 +487,14 @@ class TiesMerging(MergeMethod):
 
     def prepare(self, experts, base, *, model=None, data=None) -> dict[str, Any]:
         base = _require_base(self, base)
-        if self.scope == "tensor" or self.density >= 1.0:
-            return {"thresholds": None}
         keys = [k for k, v in base.items() if is_mergeable(v)]
+        entries = sum(base[k].numel() for k in keys)
+        if self.scope == "tensor" or self.density >= 1.0:
+            return {"thresholds": None, "entries": entries}
         thresholds = global_magnitude_thresholds(
             experts, base, keys, self.density, transform=self._transform()
         )
-        return {"thresholds": thresholds}
+        return {"thresholds": thresholds, "entries": entries}
 
     def _transform(self):
         return None
@@ -501,7 +502,7 @@ class TiesMerging(MergeMethod):
     def merge_entry(self, key: str, values: Sequence[Tensor], base: Tensor | None, context: Any) -> Tensor:
         # CPU float32 TIES runs fused (numba, :mod:`merging.methods._kernels`): one pass per
         # entry instead of a dozen element-wise torch ops per slice. Same arithmetic.
-        if self._transform() is None and base is not None and _kernels.available([base]):
+        if self._transform() is None and base is not None and _kernels.available([base], context["entries"]):
             values = [values[j] for j in range(len(values))]  # read lazy sequences once
             if _kernels.available(values):
                 thresholds = context["thresholds"]

@@ -32,14 +32,21 @@ def random_states(k: int, seed: int = 0, dtype=torch.float32, scale: float = 0.1
     return experts, base
 
 
+@pytest.fixture
+def fused(monkeypatch):
+    """The fused CPU kernels (numba) whatever the model's size."""
+    monkeypatch.setattr(_kernels, "MIN_ENTRIES", 0)
+    assert _kernels.available([torch.zeros(1)]), "numba kernels unavailable"
+
+
 @pytest.fixture(params=["fused", "torch"])
-def path(request):
+def path(request, monkeypatch):
     """Run a test on the fused CPU kernels (numba) and on the torch path."""
     if request.param == "torch":
         with _kernels.disabled():
             yield request.param
     else:
-        assert _kernels.available([torch.zeros(1)]), "numba kernels unavailable"
+        request.getfixturevalue("fused")
         yield request.param
 
 
@@ -346,7 +353,7 @@ def test_global_threshold_exact_across_slices_blocks_and_tails(monkeypatch, dtyp
 
 
 @pytest.mark.parametrize("hparams", [{"density": 0.2}, {"density": 0.05, "scaling": 0.7}, {"density": 1.0}, {"density": 0.0}, {"density": 0.3, "scope": "tensor"}])
-def test_fused_kernels_agree_with_torch_path(hparams):
+def test_fused_kernels_agree_with_torch_path(hparams, fused):
     # Entries larger than one kernel block (4096) with ragged tails, a tiny one, repeated
     # magnitudes (ties at the threshold) and exact zeros in the task vectors.
     g = torch.Generator().manual_seed(11)
@@ -365,7 +372,7 @@ def test_fused_kernels_agree_with_torch_path(hparams):
         torch.testing.assert_close(fused[key], value, atol=1e-6, rtol=1e-6, msg=key)
 
 
-def test_threshold_scan_rescans_a_crowded_bracket(monkeypatch):
+def test_threshold_scan_rescans_a_crowded_bracket(monkeypatch, fused):
     # More bracket members in one block than the kernel stores: the key is scanned again
     # with room for all of them, and the threshold stays exact.
     monkeypatch.setattr(_kernels, "_CAPACITY", 3)
@@ -384,7 +391,7 @@ def test_threshold_scan_rescans_a_crowded_bracket(monkeypatch):
         assert thr[j] == flat.sort(descending=True).values[int(0.4 * flat.numel()) - 1]
 
 
-def test_fused_kernels_follow_torch_thread_count():
+def test_fused_kernels_follow_torch_thread_count(fused):
     import numba
 
     before = numba.get_num_threads()
@@ -398,3 +405,12 @@ def test_fused_kernels_follow_torch_thread_count():
         assert numba.get_num_threads() == before  # restored after the merge
     finally:
         torch.set_num_threads(threads)
+
+
+def test_small_merges_stay_on_the_torch_path(monkeypatch):
+    marker = torch.tensor(-1.0)
+    monkeypatch.setattr(_kernels, "ties_merge", lambda *args: marker)
+    experts, base = random_states(2)  # far below MIN_ENTRIES
+    assert get_method("ties").merge(experts, base)["a.weight"] is not marker
+    monkeypatch.setattr(_kernels, "MIN_ENTRIES", 0)
+    assert get_method("ties").merge(experts, base)["a.weight"] is marker
