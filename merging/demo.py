@@ -239,13 +239,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += run_seed(seed, args.out, args, methods, step, stability, mloss)
 
     task_names = DigitsTasks().task_names
-    summary = summarise(rows, reference="ensemble", gap_key="gap_to_ensemble")
+    summary = summarise(rows, reference="ensemble", gap_key="gap_to_ensemble", paired={"vs_average": "average"})
     table, markdown = accuracy_table(
         summary,
         task_names,
-        title="Digits class-split tasks: accuracy % (mean ± sd over seeds)",
+        title="Digits class-split tasks: accuracy % (mean ± sd over seeds; gaps paired by seed)",
         gap_key="gap_to_ensemble",
         gap_label="gap to ensemble",
+        more_gaps=[("vs_average", "vs average")],
     )
     console.print(table)
     console.print(render_stability(stability))

@@ -12,25 +12,41 @@ from rich.table import Table
 from merging.io import write_atomic
 
 
-def summarise(rows: Sequence[Mapping[str, Any]], reference: str, gap_key: str) -> list[dict[str, Any]]:
+def summarise(
+    rows: Sequence[Mapping[str, Any]],
+    reference: str,
+    gap_key: str,
+    *,
+    paired: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
     """Mean and sd over seeds of every ``test/...`` metric, per model (first-seen order).
+
+    Gaps are paired: each seed's ``test/acc_mean`` minus the reference's on the same seed
+    (same data split, same experts), so their sd is the spread of the comparison itself,
+    not of the two accuracies.
 
     Args:
         rows: one dict per (model, seed) with ``"model"``, ``"seed"`` and ``test/...`` values.
         reference: the model whose ``test/acc_mean`` each model is compared with, seed by seed.
         gap_key: the name of that gap in the summary (e.g. ``"gap_to_ensemble"``).
+        paired: more such gaps, ``{gap name: reference model}`` (e.g.
+            ``{"gain_over_average": "average"}``).
     """
     by_model: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
         by_model.setdefault(row["model"], []).append(row)
-    ref = {r["seed"]: r["test/acc_mean"] for r in by_model.get(reference, [])}
+    references = {gap_key: reference, **(paired or {})}
+    refs = {
+        key: {r["seed"]: r["test/acc_mean"] for r in by_model.get(model, [])} for key, model in references.items()
+    }
     summary = []
     for model, group in by_model.items():
         entry: dict[str, Any] = {"model": model, "seeds": len(group)}
         keys = [k for k in group[0] if k.startswith("test/")]
         metrics = {k: [r[k] for r in group if k in r] for k in keys}
-        if ref:
-            metrics[gap_key] = [r["test/acc_mean"] - ref[r["seed"]] for r in group]
+        for key, ref in refs.items():
+            if ref and references[key] != model:
+                metrics[key] = [r["test/acc_mean"] - ref[r["seed"]] for r in group]
         for key, values in metrics.items():
             entry[key] = statistics.fmean(values)
             entry[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -46,10 +62,21 @@ def plus_minus(entry: Mapping[str, Any], key: str, scale: float = 100.0, digits:
 
 
 def accuracy_table(
-    summary: Sequence[Mapping[str, Any]], task_names: Sequence[str], *, title: str, gap_key: str, gap_label: str
+    summary: Sequence[Mapping[str, Any]],
+    task_names: Sequence[str],
+    *,
+    title: str,
+    gap_key: str,
+    gap_label: str,
+    more_gaps: Sequence[tuple[str, str]] = (),
 ) -> tuple[Table, str]:
-    """Per-task and mean accuracy, gap and merge time per model, as a rich table and Markdown."""
-    headers = ["model", *task_names, "mean acc (%)", f"{gap_label} (pts)", "merge time (s)"]
+    """Per-task and mean accuracy, gaps and merge time per model, as a rich table and Markdown.
+
+    ``more_gaps`` adds ``(summary key, column label)`` columns (paired gaps of
+    :func:`summarise`); a model without that gap (the reference itself) shows ``-``.
+    """
+    gaps = [(gap_key, gap_label), *more_gaps]
+    headers = ["model", *task_names, "mean acc (%)", *(f"{label} (pts)" for _, label in gaps), "merge time (s)"]
     table = Table(title=title)
     for h in headers:
         table.add_column(h, justify="left" if h == "model" else "right")
@@ -59,7 +86,7 @@ def accuracy_table(
             e["model"],
             *[plus_minus(e, f"test/acc/{t}") for t in task_names],
             plus_minus(e, "test/acc_mean"),
-            plus_minus(e, gap_key),
+            *(plus_minus(e, key) for key, _ in gaps),
             plus_minus(e, "test/merge_seconds", scale=1.0, digits=3),
         ]
         table.add_row(*cells)

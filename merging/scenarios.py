@@ -338,13 +338,15 @@ def different_init_scenario(
             step=step,
         )
     task_names = DigitsTasks().task_names
-    summary = summarise(rows, reference=EXPERTS_LABEL, gap_key="gap_to_experts")
+    paired = {"vs_average": "average"} if "average" in merges else None
+    summary = summarise(rows, reference=EXPERTS_LABEL, gap_key="gap_to_experts", paired=paired)
     table, markdown = accuracy_table(
         summary,
         task_names,
-        title="Experts from different initialisations: accuracy % (mean ± sd over seeds)",
+        title="Experts from different initialisations: accuracy % (mean ± sd over seeds; gaps paired by seed)",
         gap_key="gap_to_experts",
         gap_label="gap to experts",
+        more_gaps=[("vs_average", "vs average")] if paired else (),
     )
     out_dir = Path(out_dir)
     header = (

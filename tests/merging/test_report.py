@@ -37,3 +37,22 @@ def test_table_and_plot(tmp_path):
     assert plus_minus(summary[0], "test/merge_seconds") == "-"
     accuracy_bars(summary, tmp_path / "bars.png", reference="ensemble")
     assert (tmp_path / "bars.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paired_gaps_to_several_references():
+    more = rows() + [
+        {"model": "average", "seed": 0, "test/acc/a": 0.5, "test/acc_mean": 0.5},
+        {"model": "average", "seed": 1, "test/acc/a": 0.6, "test/acc_mean": 0.6},
+    ]
+    summary = summarise(more, reference="ensemble", gap_key="gap_to_ensemble", paired={"vs_average": "average"})
+    by_model = {e["model"]: e for e in summary}
+    # ties − average per seed: +0.3 (seed 0), 0.0 (seed 1).
+    assert by_model["ties"]["vs_average"] == pytest.approx(0.15)
+    assert by_model["ties"]["vs_average_sd"] == pytest.approx(0.2121320, rel=1e-5)
+    assert "vs_average" not in by_model["average"] and "gap_to_ensemble" not in by_model["ensemble"]
+    _, markdown = accuracy_table(
+        summary, ["a"], title="t", gap_key="gap_to_ensemble", gap_label="gap to ensemble", more_gaps=[("vs_average", "vs average")]
+    )
+    lines = markdown.splitlines()
+    assert lines[0] == "| model | a | mean acc (%) | gap to ensemble (pts) | vs average (pts) | merge time (s) |"
+    assert lines[2].startswith("| ensemble | 80.0 ± 14.1 | 80.0 ± 14.1 | - | ")
