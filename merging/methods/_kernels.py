@@ -71,14 +71,18 @@ def disabled() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _threads() -> Iterator[None]:
+    """Run the kernels on torch's intra-op thread count. numba's OpenMP layer shares the
+    OpenMP runtime with torch, so setting numba's count also sets torch's: torch's is put
+    back afterwards."""
     import numba
 
-    previous = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     try:
         yield
     finally:
-        numba.set_num_threads(previous)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _compiled():
@@ -87,11 +91,11 @@ def _compiled():
     return _numba_kernels
 
 
-def _flat_arrays(values: Sequence[Tensor]):
-    """A numba typed list of the values' flat float32 arrays (views when contiguous)."""
-    from numba.typed import List
-
-    return List([v.detach().reshape(-1).numpy() for v in values])
+def _flat_arrays(values: Sequence[Tensor]) -> tuple[np.ndarray, ...]:
+    """The values' flat float32 arrays (views when contiguous), as a tuple: numba compiles
+    (and caches on disk) one specialisation per number of experts, and a tuple, unlike a
+    typed list, costs no compilation per process."""
+    return tuple(v.detach().reshape(-1).numpy() for v in values)
 
 
 def scan_bracket(values: Sequence[Tensor], base: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, list[Tensor]]:
