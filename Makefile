@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -27,5 +27,20 @@ bench: setup
 	$(PY) benchmarks/merge_speed.py
 	$(PY) benchmarks/mloss_overhead.py
 
+# FusionBench side by side: its own venv (full dependency set, torch pinned by constraints.txt).
+PEERS       := .venv-peers
+PEERS_PY    := $(PEERS)/bin/python
+PEERS_STAMP := $(PEERS)/.installed
+FUSION_BENCH := fusion-bench==0.2.33
+
+bench-peers: setup $(PEERS_STAMP)
+	$(PY) benchmarks/peers.py
+
+$(PEERS_STAMP): constraints.txt
+	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS)
+	$(PEERS_PY) -m pip install --quiet --upgrade pip
+	$(PEERS_PY) -m pip install --quiet -c constraints.txt torch torchvision $(FUSION_BENCH)
+	touch $(PEERS_STAMP)
+
 clean:
-	rm -rf $(VENV) runs lightning_logs .pytest_cache
+	rm -rf $(VENV) $(PEERS) runs lightning_logs .pytest_cache
