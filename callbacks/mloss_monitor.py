@@ -30,8 +30,11 @@ from merging.state import StateDict
 
 DEFAULT_EVERY_N_TRAIN_STEPS = 100
 """Measure every 100 optimizer steps when no schedule is given. A measurement costs about
-``num_batches`` · (K + 2) forward passes plus the layers' gap work, i.e. a few training
-steps: about 5-6 % of the step time of small CPU models (benchmarks/mloss_overhead.py)."""
+``num_batches`` · (K + 1) forward passes (the K experts' outputs and the averaged model's;
+θ₀'s forward, and a snapshot's or peer's, are replayed from the cache after the first
+measurement) plus K GEMMs of each measured layer and the gap's element-wise work: 3-4 % of
+the training step time on the digits default (``MultiExpertModule``, K = 4), and under 5 %
+for a single SmallCNN and for BoringModel (``benchmarks/results/mloss_overhead.md``)."""
 
 
 class MLossMonitor(Callback):
@@ -83,6 +86,11 @@ class MLossMonitor(Callback):
         node_groups: columns of the node map.
         heatmap_filename: file name of the node map PNG; None: do not write it.
         log_prefix: the first part of every logged key.
+        cache_forwards: evaluate the models that do not change during the fit (θ₀, the
+            snapshot, the peers) once per cached batch and reuse their hooked layer inputs
+            and outputs at later measurements (:class:`merging.mloss.MLossMeter`'s
+            ``cache_forwards``; the values are the same). Costs a copy of the measured
+            layers' inputs for ``num_batches`` batches.
 
     Example::
 
@@ -105,6 +113,7 @@ class MLossMonitor(Callback):
         node_groups: int = 32,
         heatmap_filename: str | None = "mloss_node_map.png",
         log_prefix: str = "mloss",
+        cache_forwards: bool = True,
     ) -> None:
         if every_n_train_steps is not None and every_n_epochs is not None:
             raise ValueError("MLossMonitor: give every_n_train_steps or every_n_epochs, not both")
@@ -135,6 +144,7 @@ class MLossMonitor(Callback):
         self.node_groups = node_groups
         self.heatmap_filename = heatmap_filename
         self.log_prefix = log_prefix
+        self.cache_forwards = cache_forwards
 
         self._snapshot: StateDict | None = None
         self._peer_states: list[StateDict] = []
@@ -383,6 +393,7 @@ class MLossMonitor(Callback):
                     reference=self.reference,
                     output=self.output,
                     check_values=False,
+                    cache_forwards=self.cache_forwards,
                 )
             else:
                 self._meter.set_experts(experts, base, check_values=False)

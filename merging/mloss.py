@@ -41,8 +41,13 @@ reference state dict.
 
 Cost: per batch, one forward of the reference model carries the hooks; at each measured
 layer the K experts' (W, b) run as one batched GEMM/conv on the hooked input (about K of
-the layer's own forward passes) plus the element-wise gap. The output adds K + 1 forwards
-(fewer when the reference model is the average or one of the experts).
+the layer's own forward passes), whose output is used in the layout it is written in
+(no transposing copy), plus the element-wise gap: σ once over all K experts and once on
+the merge, and a few in-place passes. Layers only: about K + 1 forwards of the measured
+layers plus one forward of the rest of the model. The output adds K + 1 forwards (fewer
+when the reference model is the average or one of the experts). A meter that measures
+the same batches again (:class:`MLossMeter` with ``cache_forwards``, as the monitor
+does) replays the forwards of states that did not change (θ₀, a start snapshot, peers).
 
 Numerics: everything is computed relative to the first expert (z_1 and z_j − z_1,
 f_1 and f_j − f_1, using Σ_j α_j = 1), so identical experts give exactly 0 and small
@@ -109,6 +114,11 @@ ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
 
 _CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
+PIECEWISE_LINEAR_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Threshold)
+"""σ computed with exact IEEE operations only (compare, min/max, one multiply): an input gives
+bitwise the same output wherever it sits in a tensor, so the gap needs no equality masks to
+be exactly 0 for identical experts (see :func:`centred_gap`)."""
+
 
 # ------------------------------------------------------------------ pure per-layer maths
 
@@ -125,19 +135,38 @@ def expert_preactivations(x: Tensor, weight: Tensor, bias: Tensor | None, layer:
             ``nn.Linear``) for a linear layer.
 
     Returns:
-        ``(K, B, P, d_out)``: P positions per sample (tokens, or output pixels).
+        ``(K, B, P, d_out)``: P positions per sample (tokens, or output pixels); a view of
+        the GEMM/conv output (not contiguous).
 
     Raises:
         ValueError: the input has no batch axis, or the conv pads with a mode other than zeros.
     """
+    num, d_out = weight.shape[:2]
+    batch = x.shape[0] if x.dim() else 0
+    z, channels_first = _grouped_preactivations(x, weight, bias, layer)
+    if not channels_first:
+        return z.view(batch, -1, num, d_out).permute(2, 0, 1, 3)
+    groups = z.shape[0] // batch
+    return z.view(batch, groups, num, d_out // groups, -1).permute(2, 0, 4, 1, 3).reshape(num, batch, -1, d_out)
+
+
+def _grouped_preactivations(
+    x: Tensor, weight: Tensor, bias: Tensor | None, layer: nn.Module | None
+) -> tuple[Tensor, bool]:
+    """The K experts' pre-activations in the layout one GEMM / conv writes them, no copy.
+
+    Returns:
+        ``(z, channels_first)`` with z of shape ``(M, K, D)``. Linear: M = B·P, D = d_out
+        (``channels_first`` False: per sample ``(P, d_out)``). ConvNd with G groups: M = B·G,
+        D = (d_out/G)·P (``channels_first`` True: per sample ``(d_out, P)``).
+    """
     if x.dim() < 2:
         raise ValueError(f"M-Loss layer input must be batched (B, ..., d_in), got shape {tuple(x.shape)}")
     num, d_out = weight.shape[:2]
-    batch = x.shape[0]
     if layer is None or isinstance(layer, nn.Linear):
         flat_bias = None if bias is None else bias.reshape(num * d_out)
-        z = F.linear(x.reshape(batch, -1, x.shape[-1]), weight.reshape(num * d_out, -1), flat_bias)
-        return z.reshape(batch, -1, num, d_out).permute(2, 0, 1, 3)
+        z = F.linear(x.reshape(-1, x.shape[-1]), weight.reshape(num * d_out, -1), flat_bias)
+        return z.view(-1, num, d_out), False
     conv = _conv_function(layer)
     if layer.padding_mode != "zeros":
         raise ValueError(f"M-Loss supports zero-padded convs only; this conv pads with {layer.padding_mode!r}")
@@ -147,9 +176,8 @@ def expert_preactivations(x: Tensor, weight: Tensor, bias: Tensor | None, layer:
     # Stack the K experts inside each group, so one grouped conv computes all of them.
     w = weight.reshape(num, groups, per_group, *kernel).transpose(0, 1).reshape(groups * num * per_group, *kernel)
     b = None if bias is None else bias.reshape(num, groups, per_group).transpose(0, 1).reshape(-1)
-    z = conv(x, w, b, layer.stride, layer.padding, layer.dilation, groups)
-    z = z.reshape(batch, groups, num, per_group, -1)
-    return z.permute(2, 0, 4, 1, 3).reshape(num, batch, -1, d_out)
+    z = conv(x, w, b, layer.stride, layer.padding, layer.dilation, groups).contiguous()
+    return z.view(x.shape[0] * groups, num, -1), True
 
 
 def _conv_function(layer: nn.Module) -> Callable[..., Tensor]:
@@ -159,13 +187,21 @@ def _conv_function(layer: nn.Module) -> Callable[..., Tensor]:
     raise ValueError(f"M-Loss measures nn.Linear and nn.Conv1d/2d/3d layers, not {type(layer).__name__}")
 
 
+def _is_piecewise_linear(act: Activation) -> bool:
+    return isinstance(act, PIECEWISE_LINEAR_ACTIVATIONS) or any(act is f for f in (F.relu, torch.relu))
+
+
 def centred_gap(z: Tensor, alpha: Tensor, act: Activation) -> tuple[Tensor, Tensor]:
     """The merging-ensembling gap from an anchor pre-activation and expert deltas.
 
     With z_1 = ``z[0]`` and δ_j = z_j − z_1 = ``z[j - 1]`` for j ≥ 2 (Σ_j α_j = 1):
     merged = σ(z_1 + Σ_{j≥2} α_j δ_j), ensembled = σ(z_1) + Σ_{j≥2} α_j (σ(z_1 + δ_j) − σ(z_1)).
-    Identical experts (δ = 0) therefore give exactly 0. ``act`` may work in place if it
-    says so with an ``inplace`` attribute, as ``torch.nn`` activations do.
+    Identical experts (δ = 0) therefore give exactly 0, and so does every entry where all
+    δ_j = 0: for σ other than :data:`PIECEWISE_LINEAR_ACTIVATIONS`, whose vectorised kernels
+    may round the same input differently in different positions of a tensor,
+    σ(z_1 + δ_j) − σ(z_1) is taken as 0 where δ_j = 0 and σ(merged) as σ(z_1) where every
+    δ_j = 0. ``z`` is not modified; ``act`` may work in place if it says so with an
+    ``inplace`` attribute, as ``torch.nn`` activations do.
 
     Args:
         z: ``(K, ...)``: the anchor z_1, then the K − 1 deltas.
@@ -175,26 +211,61 @@ def centred_gap(z: Tensor, alpha: Tensor, act: Activation) -> tuple[Tensor, Tens
     Returns:
         ``(gap, merged)``, each ``z.shape[1:]``: σ(Σ α z) − Σ α σ(z), and σ(Σ α z).
     """
-    anchor, deltas = z[0], z[1:]
-    rest = alpha[1:].to(z.dtype)
-    # An in-place σ (nn.ReLU(inplace=True)) must not overwrite the caller's z.
-    anchor_out = act(anchor.clone() if getattr(act, "inplace", False) else anchor)
-    merged = _act_like_anchor(anchor + torch.tensordot(rest, deltas, dims=1), anchor, anchor_out, act)
-    spread = _act_like_anchor(anchor.unsqueeze(0) + deltas, anchor, anchor_out, act)
-    ensembled = anchor_out + torch.tensordot(rest, spread - anchor_out, dims=1)
-    return merged - ensembled, merged
+    owned = z.reshape(1, z.shape[0], -1).clone(memory_format=torch.contiguous_format)
+    gap, merged = _centred_gap_(owned, alpha.tolist(), act)
+    return gap.view(z.shape[1:]), merged.view(z.shape[1:])
 
 
-def _act_like_anchor(z: Tensor, anchor: Tensor, anchor_out: Tensor, act: Activation) -> Tensor:
-    """σ(z), reusing σ(anchor) wherever z equals the anchor: vectorised kernels may round
-    the same input differently in different positions, and exact equality must give 0."""
-    same = z == anchor
-    return torch.where(same, anchor_out, act(z))
+def _centred_gap_(z: Tensor, alpha: Sequence[float], act: Activation) -> tuple[Tensor, Tensor]:
+    """:func:`centred_gap` on ``z`` of shape ``(M, K, D)`` (anchor ``z[:, 0]``, deltas
+    ``z[:, 1:]``), consuming ``z``: it ends up holding σ of every expert. A few passes over
+    the K·M·D values, with σ evaluated once over all experts and once on the merge; the
+    weighted sums over experts are in-place ``add_`` passes (no copy of the layout).
+
+    Returns:
+        ``(gap, merged)``, each ``(M, D)`` and contiguous.
+    """
+    num = z.shape[1]
+    anchor = z[:, 0]
+    if num == 1:
+        merged = act(anchor.contiguous())
+        return torch.zeros_like(merged), merged
+    deltas = z[:, 1:]
+    merged_pre = torch.add(anchor, z[:, 1], alpha=alpha[1])
+    for j in range(2, num):
+        merged_pre.add_(z[:, j], alpha=alpha[j])
+    # Where δ_j = 0, σ(z_1 + δ_j) must equal σ(z_1) bitwise; a σ that is not piecewise
+    # linear may round equal inputs differently in different positions, so those entries
+    # are masked (found before an in-place σ overwrites z). Experts that differ everywhere,
+    # the usual case, skip the masks after one counting pass.
+    agree = None
+    if not _is_piecewise_linear(act) and int(torch.count_nonzero(deltas)) < deltas.numel():
+        agree = deltas == 0
+    merged_is_anchor = None if agree is None else agree.all(dim=1)
+    deltas += anchor.unsqueeze(1)  # z_j = z_1 + δ_j
+    out = act(z)
+    anchor_out = out[:, 0]
+    spread = out[:, 1:]
+    spread -= anchor_out.unsqueeze(1)  # σ(z_j) − σ(z_1)
+    if agree is not None:
+        spread.masked_fill_(agree, 0.0)
+    ensembled = torch.add(anchor_out, spread[:, 0], alpha=alpha[1])
+    for j in range(2, num):
+        ensembled.add_(spread[:, j - 1], alpha=alpha[j])
+    merged = act(merged_pre)
+    if merged_is_anchor is not None:
+        merged = torch.where(merged_is_anchor, anchor_out, merged)
+    return torch.sub(merged, ensembled, out=ensembled), merged
 
 
 def _anchored(stacked: Tensor) -> Tensor:
     """``[x_1, x_2 − x_1, ..., x_K − x_1]`` of a ``(K, ...)`` stack."""
     return torch.cat([stacked[:1], stacked[1:] - stacked[:1]])
+
+
+def _per_sample(t: Tensor, batch: int, d_out: int, channels_first: bool) -> Tensor:
+    """``(M, D)`` from :func:`_grouped_preactivations`' layout as ``(B, d_out, P)`` or ``(B, P, d_out)``."""
+    return t.view(batch, d_out, -1) if channels_first else t.view(batch, -1, d_out)
 
 
 def layer_gap(
@@ -216,16 +287,19 @@ def layer_gap(
         layer: the conv module for conv layers (None for linear).
 
     Returns:
-        ``(gap, merged)``, each ``(B, P, d_out)``.
+        ``(gap, merged)``, each ``(B, P, d_out)`` (for convs a transposed view).
     """
     dtype = accumulation_dtype(x.dtype)
-    z = expert_preactivations(
+    d_out = weight.shape[1]
+    z, channels_first = _grouped_preactivations(
         x.to(dtype),
         _anchored(weight.to(dtype)),
         None if bias is None else _anchored(bias.to(dtype)),
         layer,
     )
-    return centred_gap(z, alpha.to(dtype), act)
+    gap, merged = _centred_gap_(z, alpha.tolist(), act)
+    gap, merged = (_per_sample(t, x.shape[0], d_out, channels_first) for t in (gap, merged))
+    return (gap.transpose(1, 2), merged.transpose(1, 2)) if channels_first else (gap, merged)
 
 
 def node_mloss(
@@ -297,14 +371,20 @@ class MLossStatistics:
     samples: int
 
     @classmethod
-    def from_gap(cls, gap: Tensor, merged: Tensor) -> MLossStatistics:
-        """Statistics of a ``(B, P, d)`` gap and the merged activation it normalizes by."""
-        per_node = gap.square().sum(dim=1)  # (B, d): one pass over the gap
+    def from_gap(cls, gap: Tensor, merged: Tensor, *, channels_first: bool = False) -> MLossStatistics:
+        """Statistics of a gap and the merged activation it normalizes by.
+
+        Args:
+            gap: g, ``(B, P, d)`` (``(B, d, P)`` when ``channels_first``).
+            merged: σ(Σ_j α_j z_j), the same shape.
+            channels_first: the node axis is dim 1 (conv layouts) instead of dim 2.
+        """
+        per_node = gap.square().sum(dim=2 if channels_first else 1)  # (B, d): one pass over the gap
         norms = per_node.sum(dim=1).sqrt()
-        scale = torch.linalg.vector_norm(merged.flatten(1), dim=1) + NORMALIZE_EPS
+        scale = torch.linalg.vector_norm(merged.reshape(merged.shape[0], -1), dim=1) + NORMALIZE_EPS
         return cls(
             node_sum=per_node.sum(dim=0),
-            positions=gap.shape[0] * gap.shape[1],
+            positions=gap.numel() // per_node.numel() * gap.shape[0],
             norm_sum=norms.sum(),
             normalized_sum=(norms / scale).sum(),
             samples=gap.shape[0],
@@ -522,7 +602,7 @@ class _LayerProbe:
         self.d_out = module.out_channels if not isinstance(module, nn.Linear) else module.out_features
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
-        self.alpha: Tensor | None = None
+        self.alpha: list[float] = []
         self.statistics: MLossStatistics | None = None
         self.seen = 0
 
@@ -534,14 +614,17 @@ class _LayerProbe:
         bias_key = f"{self.name}.bias"
         has_bias = self.module.bias is not None and bias_key in experts[0]
         self.bias = _anchored(torch.stack([e[bias_key] for e in experts]).to(dtype)) if has_bias else None
-        self.alpha = alpha.to(device=first.device, dtype=dtype)
+        self.alpha = alpha.tolist()
 
     def release(self) -> None:
-        self.weight = self.bias = self.alpha = None
+        self.weight = self.bias = None
 
     def __call__(self, module: nn.Module, inputs: tuple) -> None:
-        z = expert_preactivations(inputs[0].to(self.weight.dtype), self.weight, self.bias, module)
-        stats = MLossStatistics.from_gap(*centred_gap(z, self.alpha, self.act))
+        x = inputs[0]
+        z, channels_first = _grouped_preactivations(x.to(self.weight.dtype), self.weight, self.bias, module)
+        gap, merged = _centred_gap_(z, self.alpha, self.act)
+        gap, merged = (_per_sample(t, x.shape[0], self.d_out, channels_first) for t in (gap, merged))
+        stats = MLossStatistics.from_gap(gap, merged, channels_first=channels_first)
         self.statistics = stats if self.statistics is None else self.statistics + stats
         self.seen += 1
 
@@ -552,15 +635,19 @@ def _run_probes(
     args: tuple,
     probes: Sequence[_LayerProbe],
     need_output: bool,
+    record: dict[str, list[Tensor]] | None = None,
 ) -> Any:
     """One forward with ``state``; ``probes`` measure their layer's input as it passes.
 
     Stops the forward early (returning None) once every probe fired its traced number of
-    calls, unless ``need_output``.
+    calls, unless ``need_output``. ``record`` collects a copy of each probed layer's inputs.
     """
 
     def make_hook(probe: _LayerProbe) -> Callable[[nn.Module, tuple], None]:
         def hook(module: nn.Module, inputs: tuple) -> None:
+            if record is not None:
+                # A copy: a later in-place operation of the forward must not change it.
+                record.setdefault(probe.name, []).append(inputs[0].clone())
             probe(module, inputs)
             if not need_output and all(p.seen >= p.calls for p in probes):
                 raise _StopForward
@@ -577,6 +664,28 @@ def _run_probes(
     finally:
         for h in handles:
             h.remove()
+
+
+@dataclass
+class _Forward:
+    """What one forward of one state on one batch produced, kept by a caching meter: the
+    probed layers' inputs and, if it was computed, the output. ``tensors`` holds the state's
+    tensors, so that their storage (part of the cache key) cannot be reused meanwhile."""
+
+    tensors: list[Tensor]
+    inputs: dict[str, list[Tensor]]
+    output: Any = None
+    has_output: bool = False
+
+
+def _state_key(state: Mapping[str, Tensor]) -> tuple | None:
+    """Identity and version of every tensor of a state: an in-place update (an optimizer step,
+    ``load_state_dict``) or a new tensor changes it. None for tensors without a version counter
+    (inference tensors), which are never cached."""
+    try:
+        return tuple((t.data_ptr(), t._version) for t in state.values())
+    except RuntimeError:
+        return None
 
 
 def capture_layer_input(
@@ -764,6 +873,15 @@ class MLossMeter:
         example: one input batch (Tensor or tuple of forward's positional arguments).
         base, layers, weights, reference, merged, output, activation_types, check_values:
             as in :func:`m_loss`.
+        cache_forwards: for batches measured again (a monitor measuring the same cached
+            inputs at every step): keep, per batch object, the probed layers' inputs of the
+            reference forward and the model outputs of every forward it needed, and reuse
+            them while the state they came from is unchanged. A state counts as unchanged
+            while its tensors are the same (same storage) and have not been modified in
+            place (the tensors' version counters: an optimizer step or ``load_state_dict``
+            changes them; a write through ``.data`` would not be seen). θ₀ and fixed peers
+            are then evaluated once per batch instead of at every measurement. Memory: the
+            measured layers' inputs (a copy) and the outputs of every batch measured.
     """
 
     def __init__(
@@ -780,6 +898,7 @@ class MLossMeter:
         output: bool = True,
         activation_types: Sequence[type[nn.Module]] = (),
         check_values: bool = True,
+        cache_forwards: bool = False,
     ) -> None:
         if isinstance(reference, str) and reference not in ("pretrained", "incremental", "average"):
             raise ValueError(
@@ -792,6 +911,8 @@ class MLossMeter:
         self.model = model
         self.reference = reference
         self.output = output
+        self.cache_forwards = cache_forwards
+        self._cache: dict[int, tuple[Any, dict[tuple, _Forward]]] = {}
         self._num_experts = len(experts)
         self._alpha = merge_weights(weights, max(len(experts), 1))
         self.set_experts(experts, base, merged=merged, check_values=check_values)
@@ -915,13 +1036,17 @@ class MLossMeter:
             # θ₀ may be one of the experts (a model against its own start): reuse that forward.
             expert_from_plan = next((j for j, e in enumerate(self._experts) if e is plan[0][0]), None)
         args = self._args(batch)
+        previous = self._cache.get(id(batch), (None, {}))
+        cached = previous[1] if previous[0] is batch else {}
+        # The forwards this call uses, kept for the next call on this batch (None: no cache).
+        kept: dict[tuple, _Forward] | None = {} if self.cache_forwards else None
         merged_out = None
         known: dict[int, Any] = {}
         with torch.no_grad(), _eval_mode(self.model):
             for state, group in plan:
                 keep = output_from_plan or expert_from_plan is not None
                 if group or keep:
-                    result = _run_probes(self.model, state, args, group, need_output=keep)
+                    result = self._probe_forward(state, args, group, keep, cached, kept)
                     if output_from_plan:
                         merged_out = result
                     elif expert_from_plan is not None:
@@ -930,19 +1055,48 @@ class MLossMeter:
             if measure_output:
                 if merged_out is None:
                     merged_out = _forward(self.model, self._average, args)
-                statistics[OUTPUT] = self._output_statistics(merged_out, args, known)
+                for j, expert in enumerate(self._experts):
+                    if j not in known:
+                        known[j] = self._probe_forward(expert, args, [], True, cached, kept)
+                statistics[OUTPUT] = self._output_statistics(merged_out, known)
+        if kept is not None:
+            self._cache[id(batch)] = (batch, kept)
         if layers is not None:
             for p in probes:
                 p.release()
         return statistics
 
-    def _output_statistics(self, merged_out: Any, args: tuple, known: Mapping[int, Any]) -> MLossStatistics:
-        """f(θ̄) against f_1 + Σ_{j≥2} α_j (f_j − f_1), the ensemble (``known``: outputs
-        f_j already computed)."""
-        outs = [
-            _output_view(known[j] if j in known else _forward(self.model, e, args))
-            for j, e in enumerate(self._experts)
-        ]
+    def _probe_forward(
+        self,
+        state: Mapping[str, Tensor],
+        args: tuple,
+        probes: Sequence[_LayerProbe],
+        need_output: bool,
+        cached: Mapping[tuple, _Forward],
+        kept: dict[tuple, _Forward] | None,
+    ) -> Any:
+        """A forward of ``state`` on which ``probes`` measure, or its cached replay: the probes
+        then run on the recorded layer inputs (the same computation) and the recorded output
+        is returned. ``kept`` (None: no caching) receives what this call used or recorded."""
+        key = _state_key(state) if kept is not None else None
+        if key is not None:
+            hit = kept.get(key) or cached.get(key)
+            if hit is not None and all(p.name in hit.inputs for p in probes) and (hit.has_output or not need_output):
+                for p in probes:
+                    p.seen = 0
+                    for x in hit.inputs[p.name]:
+                        p(p.module, (x,))
+                kept[key] = hit
+                return hit.output
+        record: dict[str, list[Tensor]] | None = {} if key is not None else None
+        result = _run_probes(self.model, state, args, probes, need_output, record)
+        if key is not None:
+            kept[key] = _Forward(list(state.values()), record, result if need_output else None, need_output)
+        return result
+
+    def _output_statistics(self, merged_out: Any, known: Mapping[int, Any]) -> MLossStatistics:
+        """f(θ̄) against f_1 + Σ_{j≥2} α_j (f_j − f_1), the ensemble (``known``: the outputs f_j)."""
+        outs = [_output_view(known[j]) for j in range(len(self._experts))]
         dtype = accumulation_dtype(outs[0].dtype)
         stacked = _anchored(torch.stack(outs).to(dtype))
         rest = self._alpha[1:].to(device=stacked.device, dtype=dtype)
@@ -1463,6 +1617,7 @@ __all__ = [
     "MLossStatistics",
     "NORMALIZE_EPS",
     "OUTPUT",
+    "PIECEWISE_LINEAR_ACTIVATIONS",
     "SCALES",
     "as_forward_args",
     "capture_layer_input",

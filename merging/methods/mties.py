@@ -42,6 +42,14 @@ Discrepancies in the sources and the choices made here (spec §1.8):
   so a merge is repeatable whatever order entries are visited in.
 - With ``spread=0`` the data no longer matters: M-TIES is then per-tensor TIES except that
   target weights are trimmed row by row at k.
+
+Cost: with a fixed reference (``"pretrained"``, ``"average"``) the draws are scheduled so
+that each batch gets one forward, serving every target layer that draws it
+(:func:`scheduled_node_mloss`; the same values as measuring draw by draw); the K experts'
+layer on the hooked inputs (K·S draws per target, K GEMMs each) is then the bulk of the
+work. Row thresholds are exact selections (:func:`row_thresholds`), and non-target entries
+run through :class:`~merging.methods.classic.TiesMerging` (``scope="tensor"``) or
+:class:`~merging.methods.classic.Dare`, the same maths with their fused kernels.
 """
 
 from __future__ import annotations
@@ -56,9 +64,9 @@ import torch
 from torch import Tensor, nn
 
 from merging.methods.base import MergeMethod, register_method
-from merging.methods.classic import dare_drop, disjoint_mean, elect_sign, entry_generator, trim_to_density
+from merging.methods.classic import Dare, TiesMerging, ties_disjoint_merge
 from merging.mloss import SCALES, MLossMeter, row_keep_rates
-from merging.state import accumulation_dtype, is_mergeable
+from merging.state import is_mergeable
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,34 @@ def row_keep_counts(rates: Tensor, row_length: int) -> Tensor:
     """⌊r_i · d_in⌋ per row (the same rounding as ``classic.keep_count``), in [0, d_in]."""
     counts = torch.floor(rates.to(torch.float64) * row_length + 1e-9).long()
     return counts.clamp_(0, row_length)
+
+
+def row_thresholds(magnitudes: Tensor, counts: Tensor) -> Tensor:
+    """Per expert and row, the n_i-th largest magnitude: the row's top-k threshold.
+
+    Exact, by selection instead of a sort: rows sharing a count are gathered and one
+    ``kthvalue`` (a linear-time selection) serves them all; M-TIES's rates take at most
+    e·d_in + 1 distinct counts.
+
+    Args:
+        magnitudes: |τ| ``(K, d_out, d_in)``.
+        counts: n_i ``(d_out,)`` in [0, d_in].
+
+    Returns:
+        ``(K, d_out, 1)``; ``+inf`` for rows with n_i = 0 (nothing kept).
+    """
+    num, d_out, row_length = magnitudes.shape
+    thresholds = torch.empty(num, d_out, 1, dtype=magnitudes.dtype, device=magnitudes.device)
+    values, groups = torch.unique(counts, return_inverse=True)
+    order = torch.argsort(groups, stable=True)
+    sizes = torch.bincount(groups, minlength=values.numel()).tolist()
+    for count, rows in zip(values.tolist(), order.split(sizes)):
+        if count == 0:
+            thresholds[:, rows] = math.inf
+        else:
+            selected = magnitudes.index_select(1, rows).kthvalue(row_length - count + 1, dim=2, keepdim=True)
+            thresholds[:, rows] = selected.values
+    return thresholds
 
 
 def rowwise_topk_trim(tau: Tensor, rates: Tensor) -> Tensor:
@@ -90,25 +126,112 @@ def rowwise_topk_trim(tau: Tensor, rates: Tensor) -> Tensor:
         )
     num, d_out = tau.shape[:2]
     flat = tau.reshape(num, d_out, -1)
-    row_length = flat.shape[2]
-    counts = row_keep_counts(rates, row_length).to(tau.device)
+    counts = row_keep_counts(rates, flat.shape[2]).to(tau.device)
     magnitudes = flat.abs()
-    ordered = magnitudes.sort(dim=2, descending=True).values
-    index = (counts - 1).clamp(min=0).view(1, d_out, 1).expand(num, d_out, 1)
-    thresholds = ordered.gather(2, index)
-    thresholds = torch.where(counts.view(1, d_out, 1) > 0, thresholds, torch.full_like(thresholds, math.inf))
-    return (flat * (magnitudes >= thresholds)).reshape(tau.shape)
+    thresholds = row_thresholds(magnitudes, counts)
+    # A float 0/1 mask written over the magnitudes (bool masks are slower on the CPU).
+    keep = torch.ge(magnitudes, thresholds, out=magnitudes)
+    return (flat * keep).reshape(tau.shape)
 
 
-def _cycle(data: Iterable[Any]) -> Iterator[Any]:
+_EMPTY = object()
+
+
+def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
     """``itertools.cycle`` that raises on empty data instead of stopping."""
     seen = []
-    for batch in data:
+    for batch in batches:
         seen.append(batch)
         yield batch
     if not seen:
         raise ValueError("mties: data is empty; M-TIES needs unlabeled input batches")
     yield from itertools.cycle(seen)
+
+
+def _length(data: Iterable[Any]) -> int | None:
+    """``len(data)`` when the data says (lists, map-style DataLoaders), else None."""
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def scheduled_node_mloss(
+    meter: MLossMeter,
+    layers: Sequence[str],
+    batches: Iterable[Any],
+    draws: int,
+    num_batches: int | None = None,
+) -> dict[str, Tensor]:
+    """M-TIES steps a–b for a reference model that does not change between layers
+    (``"pretrained"``, ``"average"``): layer l of ``layers`` averages the node M-Loss of
+    draws l·N .. (l+1)·N − 1 of the cycled ``batches`` (N = ``draws``).
+
+    The same values as measuring every draw in turn, at the cost of one forward per batch
+    instead of one per draw: when the data cycles (fewer batches than draws), each batch's
+    forward serves every layer that draws it (:meth:`MLossMeter.measure` with several
+    layers stops after the deepest). The node vector of a (layer, batch) pair is computed
+    once and counted once per draw.
+
+    Args:
+        meter: the meter (experts, reference, probed layers).
+        layers: the target layers, in order (each measured by ``meter``).
+        batches: the unlabeled batches, iterated once.
+        draws: N = K·S, the draws per layer.
+        num_batches: how many batches ``batches`` holds, when known: every layer drawing a
+            batch is then measured at its first pass, and batches are not kept in memory
+            when no draw comes back to them. None: batches are kept until the data ends
+            (a second pass serves the layers that cycle back to them).
+
+    Returns:
+        ``{layer: mean node M-Loss (d_out,)}``.
+
+    Raises:
+        ValueError: empty data, or a layer no forward pass reached.
+    """
+    total = len(layers) * draws
+    vectors: dict[tuple[int, int], Tensor | None] = {}
+
+    def drawing(b: int, period: int | None) -> list[int]:
+        """Indices of the layers that draw batch b when the data cycles every ``period``."""
+        return sorted({i // draws for i in range(b, total, period)}) if period else [b // draws]
+
+    def measure(batch: Any, b: int, wanted: list[int]) -> None:
+        missing = [layer for layer in wanted if (layer, b) not in vectors]
+        if not missing:
+            return
+        stats = meter.measure(batch, layers=[layers[layer] for layer in missing])
+        for layer in missing:
+            s = stats.get(layers[layer])
+            vectors[(layer, b)] = None if s is None else s.node_sum / s.positions
+
+    keep = num_batches is None or num_batches < total
+    kept: list[Any] = []
+    ended_at = None
+    iterator = iter(batches)
+    for i in range(total):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            ended_at = i
+            break
+        if keep:
+            kept.append(batch)
+        measure(batch, i, drawing(i, num_batches))
+    if ended_at == 0:
+        raise ValueError("mties: data is empty; M-TIES needs unlabeled input batches")
+    if ended_at is not None:  # the data cycles: serve the layers that come back to each batch
+        for b, batch in enumerate(kept):
+            measure(batch, b, drawing(b, ended_at))
+    period = ended_at or total
+    node: dict[str, Tensor] = {}
+    for layer, name in enumerate(layers):
+        found = [vectors[(layer, i % period)] for i in range(layer * draws, (layer + 1) * draws)]
+        found = [v for v in found if v is not None]
+        if not found:
+            raise ValueError(f"mties: layer {name!r} was never reached by a forward pass on the data")
+        node[name] = torch.stack(found).mean(dim=0)
+    return node
 
 
 @register_method
@@ -130,6 +253,9 @@ class MTiesMerging(MergeMethod):
         scale: the row scale of Def. 3.6: ``"rank"`` (authors'), ``"robust"``, ``"log"``.
 
     After :meth:`merge`, :attr:`node_mloss` holds each target's averaged node M-Loss.
+    Non-target entries are merged by :class:`~merging.methods.classic.TiesMerging` with
+    ``scope="tensor"`` (or :class:`~merging.methods.classic.Dare` with ``combine="ties"``),
+    which run the same maths with exact per-tensor thresholds and fused kernels.
     """
 
     name = "mties"
@@ -176,6 +302,11 @@ class MTiesMerging(MergeMethod):
         self.seed = seed
         self.scale = scale
         self._node_mloss: dict[str, Tensor] = {}
+        self._others: MergeMethod = (
+            TiesMerging(density=density, scaling=scaling, scope="tensor")
+            if backend == "ties"
+            else Dare(drop_rate=1.0 - density, seed=seed, combine="ties", scaling=scaling, density=1.0)
+        )
 
     @property
     def node_mloss(self) -> dict[str, Tensor]:
@@ -190,31 +321,39 @@ class MTiesMerging(MergeMethod):
         model: nn.Module | None = None,
         data: Iterable[Any] | None = None,
     ) -> dict[str, Any]:
-        stream = _cycle(data)
-        first = next(stream)
+        iterator = iter(data)
+        first = next(iterator, _EMPTY)
+        if first is _EMPTY:
+            raise ValueError("mties: data is empty; M-TIES needs unlabeled input batches")
+        # The layers are traced on two samples of the first batch (a Tensor batch): which
+        # layer feeds which activation does not depend on the batch size, and the trace is
+        # a full forward that the measurement does not reuse.
+        example = first[:2] if isinstance(first, Tensor) and first.dim() > 0 else first
         meter = MLossMeter(
             model,
             experts,
-            first,
+            example,
             base=base,
             layers=self.layers,
             reference="average" if self.reference == "average" else "pretrained",
             output=False,
             check_values=False,
         )
-        batches = itertools.chain([first], stream)
+        batches = itertools.chain([first], iterator)
         targets = {f"{name}.weight": name for name in meter.layer_names}
         if not targets:
             log.warning("mties: no layer followed by an element-wise activation; M-TIES reduces to per-tensor TIES")
         draws = len(experts) * self.sampling_size
+        # The non-target entries' method gets its own (data-free) preparation.
+        others = self._others.prepare(experts, base)
         self._node_mloss = {}
         if self.reference != "incremental":
-            for name in targets.values():
-                self._node_mloss[name] = self._node_mloss_of(meter, name, batches, draws, None)
-            return {"rates": self._rates(targets), "merged": None}
+            self._node_mloss = scheduled_node_mloss(meter, list(targets.values()), batches, draws, _length(data))
+            return {"rates": self._rates(targets), "merged": None, "others": others}
 
         # Incremental: merge in state-dict order; each target is measured on θ₀ with every
-        # earlier entry already merged.
+        # earlier entry already merged (one forward per draw: the reference changes).
+        cycled = _cycle(batches)
         current = dict(base)
         merged: dict[str, Tensor] = {}
         for key, ref in experts[0].items():
@@ -222,13 +361,12 @@ class MTiesMerging(MergeMethod):
                 continue
             if key in targets:
                 name = targets[key]
-                self._node_mloss[name] = self._node_mloss_of(meter, name, batches, draws, current)
-            acc = accumulation_dtype(ref.dtype)
-            stacked = torch.stack([e[key].to(acc) for e in experts])
-            rates = self._rates({key: targets[key]}).get(key) if key in targets else None
-            merged[key] = self._merge_entry(key, stacked, base[key].to(acc), rates)
-            current[key] = merged[key].to(ref.dtype)
-        return {"rates": {}, "merged": merged}
+                self._node_mloss[name] = self._node_mloss_of(meter, name, cycled, draws, current)
+            rates = self._rates({key: targets[key]}) if key in targets else {}
+            context = {"rates": rates, "merged": None, "others": others}
+            merged[key] = self.merge_entry(key, [e[key] for e in experts], base[key], context)
+            current[key] = merged[key]
+        return {"rates": {}, "merged": merged, "others": others}
 
     def _node_mloss_of(
         self,
@@ -236,7 +374,7 @@ class MTiesMerging(MergeMethod):
         name: str,
         batches: Iterator[Any],
         draws: int,
-        reference: Mapping[str, Tensor] | None,
+        reference: Mapping[str, Tensor],
     ) -> Tensor:
         """Mean over ``draws`` successive batches of the per-batch node M-Loss of one layer."""
         vectors = []
@@ -254,21 +392,23 @@ class MTiesMerging(MergeMethod):
             for key, name in targets.items()
         }
 
-    def merge_tensor(self, key: str, experts: Tensor, base: Tensor | None, context: dict[str, Any]) -> Tensor:
+    def merge_entry(self, key: str, values: Sequence[Tensor], base: Tensor | None, context: Any) -> Tensor:
+        """One entry: a target weight row by row (:meth:`merge_tensor`), any other floating
+        entry by per-tensor TIES (or DARE), an integer buffer copied from the base."""
+        first = values[0]
+        if not is_mergeable(first):
+            return super().merge_entry(key, values, base, context)
         if context["merged"] is not None:
             return context["merged"][key]
-        return self._merge_entry(key, experts, base, context["rates"].get(key))
+        if key not in context["rates"]:
+            return self._others.merge_entry(key, values, base, context["others"])
+        return super().merge_entry(key, values, base, context)
 
-    def _merge_entry(self, key: str, experts: Tensor, base: Tensor, rates: Tensor | None) -> Tensor:
-        """θ₀ + λ · disjoint_mean(elect(trimmed τ)) of one entry; ``rates`` marks a target."""
-        tau = experts - base
-        if rates is not None:
-            trimmed = rowwise_topk_trim(tau, rates)
-        elif self.backend == "ties":
-            trimmed = trim_to_density(tau, self.density) if self.density < 1.0 else tau
-        else:
-            trimmed = dare_drop(tau, 1.0 - self.density, entry_generator(self.seed, key))
-        return base + self.scaling * disjoint_mean(trimmed, elect_sign(trimmed))
+    def merge_tensor(self, key: str, experts: Tensor, base: Tensor | None, context: dict[str, Any]) -> Tensor:
+        """θ₀ + λ · disjoint_mean(elect(row-wise trimmed τ)) of a target weight."""
+        trimmed = rowwise_topk_trim(experts.sub_(base), context["rates"][key])
+        thresholds = torch.zeros(trimmed.shape[0], dtype=trimmed.dtype, device=trimmed.device)
+        return base + self.scaling * ties_disjoint_merge(trimmed, thresholds)
 
 
-__all__ = ["MTiesMerging", "row_keep_counts", "rowwise_topk_trim"]
+__all__ = ["MTiesMerging", "row_keep_counts", "row_thresholds", "rowwise_topk_trim", "scheduled_node_mloss"]

@@ -1,0 +1,251 @@
+"""M-TIES against TIES on the same model: time per phase, and the M-TIES / TIES ratio.
+
+The M-Loss paper reports M-TIES at about 3x the time of TIES (≈90 s vs ≈30 s for CLIP
+ViT-B/32 on an RTX A6000). Here, on the CPU: a timm ViT-B/32 skeleton (``pretrained=False``,
+88M parameters, 224x224 inputs), K experts θ₀ + τ_j with random task vectors
+(τ ~ N(0, 0.01²) per entry), and an unlabeled pool of random images in a few batches.
+
+Methods, with the defaults of ``spec/mloss.md`` §1.5/§1.7:
+
+- **TIES**: global top-k at k = 0.2, elect, disjoint mean, λ = 1 (the paper's baseline);
+- **M-TIES**: k = 0.8, e = 0.1, S = 1 (K·S draws of the pool per target layer, the pool
+  cycling), reference θ₀, targets every ``blocks.*.mlp.fc1``, per-tensor TIES at k elsewhere;
+- **Few-Layer M-TIES**: the same on blocks {8, 9, 10} only (§1.6).
+
+Phases (process CPU time, one torch thread unless ``--threads``):
+
+- *M-Loss statistics*: M-TIES's pass over the data (reference forwards with hooks, the K
+  experts' fc1 on the hooked inputs, the gap, the node M-Loss, the row rates);
+- *row thresholds*: M-TIES's exact row-wise selections on the target weights;
+- *tensor / global thresholds*: the exact magnitude thresholds of TIES (the global pass, or
+  one per tensor) and of M-TIES's non-target entries (per tensor, as TIES with
+  ``scope="tensor"``, which M-TIES runs for them);
+- *merge*: trim, elect and disjoint mean of every entry (everything else of ``merge``,
+  input checks included).
+
+The statistics' floor is printed beside them: one plain forward of θ₀ over the distinct
+batches plus the K-expert fc1 GEMMs of every draw, the FLOPs M-TIES cannot avoid.
+
+Usage::
+
+    .venv/bin/python benchmarks/mties_speed.py [--experts 4] [--batches 4] [--batch-size 16]
+
+Prints a table and writes ``benchmarks/results/mties_speed.md`` (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import merging.methods.classic as classic
+import merging.methods.mties as mties
+from merging.io import write_text_atomic
+from merging.methods import get_method
+from merging.mloss import find_activation_layers
+
+RESULTS = Path(__file__).resolve().parent / "results" / "mties_speed.md"
+FEW_LAYERS = [f"blocks.{i}.mlp.fc1" for i in (8, 9, 10)]
+
+
+@dataclass
+class Phases:
+    """Accumulated process CPU time per phase (s)."""
+
+    times: dict[str, float] = field(default_factory=dict)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.times[phase] = self.times.get(phase, 0.0) + seconds
+
+
+def _timed(fn: Callable[..., Any], phases: Phases, phase: str) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases.add(phase, time.process_time() - start)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _patched(module: Any, name: str, value: Any) -> Iterator[None]:
+    previous = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, previous)
+
+
+def timed_merge(method_name: str, hparams: dict[str, Any], experts, base, model, data) -> dict[str, float]:
+    """One merge; returns {phase: seconds} and the total."""
+    method = get_method(method_name, **hparams)
+    phases = Phases()
+    # Threshold selections, wherever they are called from (module-level names are looked up
+    # at call time, so the instrumented versions are the ones the methods run).
+    with (
+        _patched(classic, "global_magnitude_thresholds", _timed(classic.global_magnitude_thresholds, phases, "tensor")),
+        _patched(classic, "magnitude_threshold", _timed(classic.magnitude_threshold, phases, "tensor")),
+        _patched(mties, "row_thresholds", _timed(mties.row_thresholds, phases, "row")),
+    ):
+        method.prepare = _timed(method.prepare, phases, "prepare")
+        start = time.process_time()
+        kwargs = {"model": model, "data": data} if method.requires_data else {}
+        method.merge(experts, base, **kwargs)
+        total = time.process_time() - start
+    t = phases.times
+    if method_name == "ties" and hparams.get("scope", "global") == "global":  # prepare = the global pass
+        tensor, stats = t.get("prepare", 0.0), 0.0
+    elif method_name == "ties":
+        tensor, stats = t.get("tensor", 0.0), 0.0
+    else:  # prepare = the M-Loss statistics; thresholds are taken entry by entry
+        tensor, stats = t.get("tensor", 0.0), t.get("prepare", 0.0)
+    row = t.get("row", 0.0)
+    merge = total - stats - tensor - row
+    return {"stats": stats, "row": row, "tensor": tensor, "merge": merge, "total": total}
+
+
+def statistics_floor(model, base, batches, layers: list[str], experts: int) -> tuple[float, float]:
+    """(plain forwards of θ₀ over the distinct batches, the K-expert GEMMs of every draw) in s."""
+    with torch.no_grad():
+        start = time.process_time()
+        for b in batches:
+            torch.func.functional_call(model, base, (b,))
+        forwards = time.process_time() - start
+        modules = dict(model.named_modules())
+        captured: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+        handles = [
+            modules[name].register_forward_pre_hook(lambda m, a, n=name: captured[n].append(a[0]))
+            for name in layers
+        ]
+        for b in batches:
+            model(b)
+        for h in handles:
+            h.remove()
+        draws = experts  # K·S with S = 1
+        gemms = 0.0
+        for name in layers:
+            weight = base[f"{name}.weight"].repeat(experts, 1)
+            bias = base[f"{name}.bias"].repeat(experts)
+            for i in range(draws):
+                x = captured[name][i % len(batches)]
+                start = time.process_time()
+                F.linear(x.reshape(-1, x.shape[-1]), weight, bias)
+                gemms += time.process_time() - start
+    return forwards, gemms
+
+
+def main() -> None:
+    from timm import create_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_base_patch32_224", help="timm model name (pretrained=False)")
+    parser.add_argument("--experts", type=int, default=4, help="K")
+    parser.add_argument("--batches", type=int, default=4, help="batches in the unlabeled pool")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per method (interleaved; the fastest is kept)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    model = create_model(args.model, pretrained=False).eval()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    experts = [
+        {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone() for k, v in base.items()}
+        for _ in range(args.experts)
+    ]
+    size = model.default_cfg.get("input_size", (3, 224, 224))
+    data = [torch.randn(args.batch_size, *size, generator=g) for _ in range(args.batches)]
+    params = sum(v.numel() for v in base.values() if v.is_floating_point())
+    targets = list(find_activation_layers(model, data[0][:1]))
+
+    # Warm-up on two blocks' weights (enough entries for the fused TIES kernels: their
+    # import and JIT load, first-call allocations), global and per tensor.
+    keys = [k for k in base if k.startswith(("blocks.0.", "blocks.1."))]
+    part = {k: base[k] for k in keys}
+    for scope in ("global", "tensor"):
+        get_method("ties", scope=scope).merge([{k: e[k] for k in keys} for e in experts], part)
+
+    runs = {
+        "TIES (global, k=0.2)": ("ties", {"density": 0.2}),
+        "TIES (per tensor, k=0.8)": ("ties", {"density": 0.8, "scope": "tensor"}),
+        "M-TIES (k=0.8, e=0.1, S=1, all fc1)": ("mties", {}),
+        "Few-Layer M-TIES (fc1 of blocks 8-10)": ("mties", {"layers": FEW_LAYERS}),
+    }
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, (method, hparams) in runs.items():
+            results[name].append(timed_merge(method, hparams, experts, base, model, data))
+    best = {name: min(rs, key=lambda r: r["total"]) for name, rs in results.items()}
+    floor_all = statistics_floor(model, base, data, targets, args.experts)
+    floor_few = statistics_floor(model, base, data, FEW_LAYERS, args.experts)
+
+    ties_total = best["TIES (global, k=0.2)"]["total"]
+    command = (
+        f".venv/bin/python benchmarks/mties_speed.py --model {args.model} --experts {args.experts} "
+        f"--batches {args.batches} --batch-size {args.batch_size} --repeats {args.repeats} --threads {args.threads}"
+    )
+    lines = [
+        "# M-TIES vs TIES: time per phase",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()} CPU, torch {torch.__version__}, {args.threads} thread(s); process CPU time, "
+        f"fastest of {args.repeats} interleaved runs (the machine is shared with other jobs).",
+        "",
+        f"Model: timm `{args.model}` (pretrained=False), {params / 1e6:.1f}M parameters, K = {args.experts} experts; "
+        f"unlabeled pool: {args.batches} batches x {args.batch_size} random images {tuple(size)} "
+        f"({args.batches * args.batch_size} samples; the paper uses 128). M-TIES targets: {len(targets)} fc1 layers, "
+        f"each drawing K·S = {args.experts} batches.",
+        "",
+        "| method | M-Loss statistics (s) | row thresholds (s) | tensor / global thresholds (s) | merge (s) "
+        "| total (s) | / TIES (global) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in best.items():
+        lines.append(
+            f"| {name} | {r['stats']:.2f} | {r['row']:.2f} | {r['tensor']:.2f} | {r['merge']:.2f} | {r['total']:.2f} "
+            f"| **{r['total'] / ties_total:.2f}x** |"
+        )
+    lines += [
+        "",
+        "Floor of the M-Loss statistics (FLOPs M-TIES cannot avoid): plain forwards of θ₀ over the "
+        f"{args.batches} distinct batches + the K-expert fc1 GEMMs of every draw:",
+        "",
+        "| targets | forwards (s) | K-expert GEMMs (s) | floor (s) | statistics / floor |",
+        "|---|---|---|---|---|",
+    ]
+    for label, (fwd, gemm), key in (
+        (f"all {len(targets)} fc1", floor_all, "M-TIES (k=0.8, e=0.1, S=1, all fc1)"),
+        ("fc1 of blocks 8-10", floor_few, "Few-Layer M-TIES (fc1 of blocks 8-10)"),
+    ):
+        stats_time = best[key]["stats"]
+        lines.append(
+            f"| {label} | {fwd:.2f} | {gemm:.2f} | {fwd + gemm:.2f} | {stats_time / (fwd + gemm):.2f} |"
+        )
+    all_runs = "; ".join(
+        f"{name}: " + ", ".join(f"{r['total']:.2f}" for r in rs) for name, rs in results.items()
+    )
+    lines += ["", f"All runs (total s): {all_runs}.", ""]
+    spread = statistics.pstdev([r["total"] for r in results["TIES (global, k=0.2)"]])
+    lines.append(f"TIES run-to-run spread (population sd): {spread:.2f} s.")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    write_text_atomic(RESULTS, table)
+
+
+if __name__ == "__main__":
+    main()
