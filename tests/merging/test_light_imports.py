@@ -1,0 +1,20 @@
+"""Merging from files stays light: the merge path imports neither torchmetrics (torchvision)
+nor Lightning, and numba only when a merge runs the fused kernels."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_merge_path_imports_no_heavy_modules():
+    code = (
+        "import sys, merging.streaming, merging.methods\n"
+        "heavy = [m for m in ('torchmetrics', 'torchvision', 'lightning', 'numba') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+        "from merging.mloss import MLoss\n"  # still importable where it always was
+        "print(MLoss.__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == ""
+    assert out[1] == "merging.metrics"
