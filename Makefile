@@ -26,6 +26,7 @@ test-fast: setup
 bench: setup
 	$(PY) benchmarks/merge_speed.py
 	$(PY) benchmarks/mloss_overhead.py
+	$(PY) benchmarks/mties_speed.py
 
 # FusionBench side by side: its own venv (full dependency set, torch pinned by constraints.txt).
 PEERS       := .venv-peers
