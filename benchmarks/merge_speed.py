@@ -31,24 +31,28 @@ METHODS = {
 }
 
 
+def block_shapes(prefix: str, width: int) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of one pre-norm transformer block (qkv, projection, 4x MLP, norms)."""
+    return {
+        prefix + "norm1.weight": (width,),
+        prefix + "norm1.bias": (width,),
+        prefix + "attn.qkv.weight": (3 * width, width),
+        prefix + "attn.qkv.bias": (3 * width,),
+        prefix + "attn.proj.weight": (width, width),
+        prefix + "attn.proj.bias": (width,),
+        prefix + "norm2.weight": (width,),
+        prefix + "norm2.bias": (width,),
+        prefix + "mlp.fc1.weight": (4 * width, width),
+        prefix + "mlp.fc1.bias": (4 * width,),
+        prefix + "mlp.fc2.weight": (width, 4 * width),
+        prefix + "mlp.fc2.bias": (width,),
+    }
+
+
 def transformer_shapes(width: int = 768, vocab: int = 5000, blocks: int = 3) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"embed.weight": (vocab, width)}
     for b in range(blocks):
-        p = f"blocks.{b}."
-        shapes |= {
-            p + "norm1.weight": (width,),
-            p + "norm1.bias": (width,),
-            p + "attn.qkv.weight": (3 * width, width),
-            p + "attn.qkv.bias": (3 * width,),
-            p + "attn.proj.weight": (width, width),
-            p + "attn.proj.bias": (width,),
-            p + "norm2.weight": (width,),
-            p + "norm2.bias": (width,),
-            p + "mlp.fc1.weight": (4 * width, width),
-            p + "mlp.fc1.bias": (4 * width,),
-            p + "mlp.fc2.weight": (width, 4 * width),
-            p + "mlp.fc2.bias": (width,),
-        }
+        shapes |= block_shapes(f"blocks.{b}.", width)
     return shapes
 
 

@@ -73,6 +73,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from merge_speed import block_shapes  # benchmarks/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
@@ -114,21 +116,7 @@ def vit_shapes(width: int = 512, depth: int = 6, tokens: int = 197, classes: int
         "patch_embed.proj.bias": (width,),
     }
     for b in range(depth):
-        p = f"blocks.{b}."
-        shapes |= {
-            p + "norm1.weight": (width,),
-            p + "norm1.bias": (width,),
-            p + "attn.qkv.weight": (3 * width, width),
-            p + "attn.qkv.bias": (3 * width,),
-            p + "attn.proj.weight": (width, width),
-            p + "attn.proj.bias": (width,),
-            p + "norm2.weight": (width,),
-            p + "norm2.bias": (width,),
-            p + "mlp.fc1.weight": (4 * width, width),
-            p + "mlp.fc1.bias": (4 * width,),
-            p + "mlp.fc2.weight": (width, 4 * width),
-            p + "mlp.fc2.bias": (width,),
-        }
+        shapes |= block_shapes(f"blocks.{b}.", width)
     shapes |= {"norm.weight": (width,), "norm.bias": (width,), "head.weight": (classes, width), "head.bias": (classes,)}
     return shapes
 
