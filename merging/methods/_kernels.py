@@ -8,10 +8,11 @@ per-entry state in registers/cache-sized buffers, compiled by numba (``parallel=
 blocks of :data:`BLOCK` entries, ``cache=True`` so the compilation, a few seconds, happens
 once per machine).
 
-Scope: CPU, contiguous-or-reshapable float32 tensors; everything else (CUDA tensors, fp16,
-bf16, fp64) takes the torch path, which computes the same thing. Without numba installed, the
-torch path is used everywhere. :func:`disabled` switches the kernels off (tests compare the
-two paths).
+Scope: CPU float32 tensors of merges with at least :data:`MIN_ENTRIES` entries per expert;
+everything else (CUDA tensors, fp16, bf16, fp64, small models) takes the torch path, which
+computes the same thing. Without numba installed, or with the environment variable
+``MERGING_NO_NUMBA=1``, the torch path is used everywhere; :func:`disabled` switches the
+kernels off within a block (the tests compare the two paths).
 
 Threads: the kernels run on ``torch.get_num_threads()`` threads (capped by numba's own
 maximum), so ``torch.set_num_threads`` governs both paths.
@@ -43,8 +44,8 @@ _CAPACITY = 256
 
 MIN_ENTRIES = 1 << 20
 """Smallest task vector (entries per expert, whole model) merged with the kernels: below it
-the torch path is as fast and importing numba and loading the compiled loops (about half a
-second) would dominate."""
+the torch path is as fast, and importing numba and loading the compiled loops (about 0.2 s)
+would dominate."""
 
 _enabled = _HAVE_NUMBA and os.environ.get("MERGING_NO_NUMBA", "") in ("", "0")
 
