@@ -138,6 +138,11 @@ REGIMES: tuple[Regime, ...] = (
     replace(_DEFAULT, name="pretrain 3", why="a weaker θ₀", pretrain_epochs=3),
     replace(_DEFAULT, name="pretrain 30", why="a stronger θ₀ (3x pretraining)", pretrain_epochs=30),
     replace(_DEFAULT, name="batch 128", why="4x fewer optimizer steps, same epochs", batch_size=128),
+    # Small steps for longer: experts stay close to θ₀ (where task vectors add with little
+    # interference) yet train to a high accuracy.
+    replace(_DEFAULT, name="lr 1e-4, 40 epochs", why="small steps, trained longer", lr=1e-4, epochs=40),
+    replace(_DEFAULT, name="LP-FT, lr 1e-4, 40 epochs", why="probed heads, small steps, trained longer", probe_epochs=5, lr=1e-4, epochs=40),
+    replace(_DEFAULT, name="SGD lr 1e-2", why="gentler SGD+momentum", optimizer="sgd", lr=1e-2),
 )
 
 
