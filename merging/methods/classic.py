@@ -448,7 +448,9 @@ class TaskArithmetic(MergeMethod):
         return DEFAULT_CHUNK
 
     def merge_tensor(self, key: str, experts: Tensor, base: Tensor | None, context: Any) -> Tensor:
-        return base + self.scaling * (experts.sum(dim=0) - experts.shape[0] * base)
+        # Σ_j (θ_j − θ₀), not Σ_j θ_j − K·θ₀: the latter rounds at the scale of |θ|, which
+        # for fine-tunes is hundreds of times |τ| (``experts`` is a scratch stack).
+        return base + self.scaling * experts.sub_(base).sum(dim=0)
 
 
 @register_method

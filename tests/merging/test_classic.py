@@ -414,3 +414,15 @@ def test_small_merges_stay_on_the_torch_path(monkeypatch):
     assert get_method("ties").merge(experts, base)["a.weight"] is not marker
     monkeypatch.setattr(_kernels, "MIN_ENTRIES", 0)
     assert get_method("ties").merge(experts, base)["a.weight"] is marker
+
+
+def test_task_arithmetic_rounds_at_the_scale_of_the_result():
+    # Large weights, small task vectors: summing the task vectors keeps the error within
+    # one rounding of the result (Σθ_j − K·θ₀ would round at K·|θ| instead).
+    g = torch.Generator().manual_seed(4)
+    base = {"w": 1000.0 + torch.randn(64, 64, generator=g)}
+    experts = [{"w": base["w"] + 1e-3 * torch.randn(64, 64, generator=g)} for _ in range(8)]
+    merged = get_method("task_arithmetic", scaling=0.3).merge(experts, base)["w"]
+    exact = base["w"].double() + 0.3 * sum(e["w"].double() - base["w"].double() for e in experts)
+    ulp = torch.finfo(torch.float32).eps * exact.abs()
+    assert bool(((merged.double() - exact).abs() <= ulp).all())
