@@ -496,8 +496,8 @@ def render(rows: list[dict], info: dict) -> str:
         f"run. On these inputs it keeps {extra} more entries than ours over the {max(r['k'] for r in rows)} "
         "experts: an fp32 ulp at the threshold holds about one entry, so the (n+1)-th magnitude often "
         "equals the n-th, and both rules then keep the same ties.",
-        f"- task_arithmetic: λ = {TA_SCALING} both. Ours evaluates θ₀ + λ(Σθ_j − K·θ₀), FusionBench "
-        "θ₀ + λΣ(θ_j − θ₀): the same maths, rounded differently.",
+        f"- task_arithmetic: λ = {TA_SCALING} both; both evaluate θ₀ + λΣ_j(θ_j − θ₀) (any differing "
+        "entry is the order of the float sums).",
         f"- dare: p = {DROP_RATE}, rescale 1/(1 − p), task-arithmetic combine, λ = {TA_SCALING}. Row `dare` "
         "seeds FusionBench's global RNG per key with our per-key seed before its `param_random_drop_` runs "
         "on the K task vectors in turn, which draws the same uniforms as our one (K, *shape) draw; ours "
