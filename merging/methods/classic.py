@@ -258,9 +258,9 @@ def global_magnitude_thresholds(
                 if _kernels.available(values):  # one fused pass (numba)
                     counts, members = _kernels.scan_bracket(values, base[key], lo[rows], hi[rows])
                     above += counts
-                    for row, values in enumerate(members):
-                        if values.numel():
-                            inside[row].append(values)
+                    for row, found in enumerate(members):
+                        if found.numel():
+                            inside[row].append(found)
                     continue
             flat_base = base[key].reshape(-1)
             flats = [e[key].reshape(-1) for e in experts]
