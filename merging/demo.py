@@ -54,6 +54,18 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
     # M-TIES at TIES's density, so the two rows compare the row-wise M-Loss schedule alone.
     "mties": {"density": 0.2, "spread": 0.1},
 }
+#: λ grid of the methods the demo also runs with λ chosen on the validation split
+#: (``MergedModule(scaling_grid=...)``), as both papers allow when a validation set exists
+#: (Ilharco et al., ICLR 2023; Yadav et al., NeurIPS 2023). Each such method gets two rows:
+#: its default λ above, and λ chosen on validation. One grid for both (our choice): it holds
+#: 1/K = 0.25's neighbours, TA's default 0.3 and TIES's default 1.0.
+SCALING_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 16))
+DEMO_SCALING_GRIDS: dict[str, tuple[float, ...]] = {"task_arithmetic": SCALING_GRID, "ties": SCALING_GRID}
+
+
+def searched_label(name: str) -> str:
+    """The demo's row label of ``name`` with λ chosen on validation."""
+    return f"{name} (λ on val)"
 
 
 def stability_summary(seed: int, monitor: StabilityMonitor, experts: MultiExpertModule) -> list[dict]:
@@ -169,7 +181,12 @@ def run_seed(
         evaluate(f"expert {j} ({name})", EnsembleModule(bundle_dir, members=[j]))
     step("ensemble and experts evaluated")
     for name, hparams in methods.items():
-        evaluate(name, MergedModule(bundle_dir, method=get_method(name, **hparams), report_ensemble=False, seed=seed))
+        merged = lambda grid=None: MergedModule(  # noqa: E731
+            bundle_dir, method=get_method(name, **hparams), report_ensemble=False, seed=seed, scaling_grid=grid
+        )
+        evaluate(name, merged())
+        if name in DEMO_SCALING_GRIDS:
+            evaluate(searched_label(name), merged(DEMO_SCALING_GRIDS[name]))
         step(f"merged: {name}")
     if args.neulig_epochs:
         rows += neulig_rows(seed, bundle_dir, data, args.neulig_epochs)
@@ -197,7 +214,7 @@ def neulig_rows(seed: int, bundle_dir: str, data: DigitsTasks, epochs: int) -> l
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--pretrain-epochs", type=int, default=10)
     parser.add_argument("--expert-epochs", type=int, default=10)
@@ -249,6 +266,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         more_gaps=[("vs_average", "vs average")],
     )
     console.print(table)
+    for name in methods:
+        chosen = [r["test/selected_scaling"] for r in rows if r["model"] == searched_label(name)]
+        if chosen:
+            console.print(f"{name}: λ chosen on validation per seed {args.seeds}: {', '.join(f'{c:g}' for c in chosen)}")
     console.print(render_stability(stability))
     console.print(render_mloss(mloss))
     console.print(

@@ -14,7 +14,9 @@ merge at every scale: it is reported as measured.
 
 from __future__ import annotations
 
+import copy
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +182,14 @@ class MergedModule(_BundleEvalModule):
         unlabeled_samples: size of the unlabeled set given to data-dependent methods.
         seed: seed of that unlabeled set.
         save_path: where rank zero writes the merged backbone (safetensors), if anywhere.
+        scaling_grid: choose the method's ``scaling`` λ from these values by the mean
+            accuracy on the datamodule's **validation** split (each task read by its own
+            head) before evaluating; the test split is never used to choose. This is how
+            task arithmetic and TIES pick λ in their papers (held-out validation; Ilharco
+            et al., ICLR 2023; Yadav et al., NeurIPS 2023). Ties keep the smaller λ. Every
+            rank evaluates the whole validation split, so all ranks choose the same λ. The
+            choice is logged as ``{stage}/selected_scaling``; the validation accuracy of
+            every λ is in :attr:`scaling_search`. None: the method's own ``scaling``.
     """
 
     def __init__(
@@ -190,6 +200,7 @@ class MergedModule(_BundleEvalModule):
         unlabeled_samples: int = 256,
         seed: int = 0,
         save_path: str | None = None,
+        scaling_grid: Sequence[float] | None = None,
     ) -> None:
         super().__init__(experts, report_ensemble=report_ensemble)
         self.save_hyperparameters(ignore=["method"])
@@ -197,7 +208,24 @@ class MergedModule(_BundleEvalModule):
         self.unlabeled_samples = unlabeled_samples
         self.seed = seed
         self.save_path = save_path
+        self.scaling_grid = self._check_grid(scaling_grid)
         self.merge_seconds: float | None = None
+        #: ``{λ: mean validation accuracy}`` of the ``scaling_grid`` search (empty without one).
+        self.scaling_search: dict[float, float] = {}
+        self.selected_scaling: float | None = None
+
+    def _check_grid(self, grid: Sequence[float] | None) -> list[float] | None:
+        if grid is None:
+            return None
+        grid = [float(g) for g in grid]
+        if not grid:
+            raise ValueError("scaling_grid is empty: give at least one λ, or None for the method's own scaling")
+        if not hasattr(self.method, "scaling"):
+            raise ValueError(
+                f"scaling_grid was given but {type(self.method).__name__} ({self.method.name}) has no "
+                "scaling hyperparameter to choose"
+            )
+        return sorted(set(grid))
 
     def unlabeled_data(self):
         """The unlabeled input batches a data-dependent method is given (None if unneeded)."""
@@ -210,16 +238,62 @@ class MergedModule(_BundleEvalModule):
             )
         return datamodule.unlabeled_dataloader(num_samples=self.unlabeled_samples, seed=self.seed)
 
-    def prepare_states(self) -> None:
+    def _merge(self, method: MergeMethod) -> tuple[StateDict, float]:
         start = time.perf_counter()
-        merged = self.method.merge(
-            self.bundle.experts, self.bundle.base, model=self.skeleton, data=self.unlabeled_data()
-        )
-        self.merge_seconds = time.perf_counter() - start
+        merged = method.merge(self.bundle.experts, self.bundle.base, model=self.skeleton, data=self.unlabeled_data())
+        return merged, time.perf_counter() - start
+
+    def _validation_loaders(self) -> list:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+            raise ValueError("scaling_grid needs validation data: run with a datamodule that has val_dataloader()")
+        loaders = datamodule.val_dataloader()
+        loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+        if len(loaders) != len(self.bundle.task_names):
+            raise ValueError(
+                f"scaling_grid: the datamodule gives {len(loaders)} validation loaders, the bundle has "
+                f"{len(self.bundle.task_names)} tasks {self.bundle.task_names}"
+            )
+        return loaders
+
+    @torch.no_grad()
+    def _validation_accuracy(self, merged: StateDict, loaders: list) -> float:
+        """Mean over tasks of the merge's validation accuracy (the metric of :meth:`_report`,
+        computed on this rank alone: no collective)."""
+        accs = []
+        for t, loader in enumerate(loaders):
+            metric = MulticlassAccuracy(num_classes=self.bundle.num_classes[t], sync_on_compute=False)
+            for x, y in loader:
+                metric.update(self.heads[t](functional_call(self.skeleton, merged, (x,))), y)
+            accs.append(float(metric.compute()))
+        return sum(accs) / len(accs)
+
+    def _search_scaling(self) -> tuple[StateDict, float, MergeMethod]:
+        """Merge at every λ of ``scaling_grid``; keep the best on validation: returns its
+        merged state, merge time and method (a copy of ``method`` at the chosen λ)."""
+        loaders = self._validation_loaders()
+        best: tuple[float, StateDict, float, MergeMethod] | None = None
+        for scaling in self.scaling_grid:
+            method = copy.copy(self.method)
+            method.scaling = scaling
+            merged, seconds = self._merge(method)
+            acc = self.scaling_search[scaling] = self._validation_accuracy(merged, loaders)
+            if best is None or acc > best[0]:  # strict: ties keep the smaller λ (the grid is sorted)
+                best, self.selected_scaling = (acc, merged, seconds, method), scaling
+        searched = ", ".join(f"{s:g}: {100 * a:.1f}%" for s, a in self.scaling_search.items())
+        rank_zero_info(f"{self.method.name}: λ = {self.selected_scaling:g} chosen on validation ({searched})")
+        return best[1:]
+
+    def prepare_states(self) -> None:
+        if self.scaling_grid is None:
+            method = self.method
+            merged, self.merge_seconds = self._merge(method)
+        else:
+            merged, self.merge_seconds, method = self._search_scaling()
         self._states["merged"] = merged
         rank_zero_info(f"{self.method.name}: merged {len(self.bundle.experts)} experts in {self.merge_seconds:.3f} s")
         if self.save_path and self.trainer.is_global_zero:
-            save_state_dict(merged, Path(self.save_path), metadata={"method": repr(self.method)})
+            save_state_dict(merged, Path(self.save_path), metadata={"method": repr(method)})
             rank_zero_info(f"merged backbone written to {self.save_path}")
 
     def features(self, x: Tensor) -> Tensor:
@@ -229,3 +303,6 @@ class MergedModule(_BundleEvalModule):
         super()._report(stage)
         self.log(f"{stage}/merge_seconds", float(self.merge_seconds), rank_zero_only=False)
         self.results[f"{stage}/merge_seconds"] = float(self.merge_seconds)
+        if self.selected_scaling is not None:
+            self.log(f"{stage}/selected_scaling", self.selected_scaling, rank_zero_only=False)
+            self.results[f"{stage}/selected_scaling"] = self.selected_scaling

@@ -80,6 +80,54 @@ def test_merged_module_reports_gap_and_saves(bundle_dir, tmp_path):
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
 
 
+def _validation_accuracy(bundle: ExpertBundle, state, data: DigitsTasks) -> float:
+    """Mean over tasks of macro accuracy on the validation split, computed independently."""
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    skeleton, heads = bundle.build_backbone(), bundle.build_heads()
+    accs = []
+    for t, n in enumerate(bundle.num_classes):
+        xs, ys = zip(*data.task_dataloader(t, "val", batch_size=1024))
+        logits = heads[t](functional_call(skeleton, state, (torch.cat(xs),)))
+        accs.append(float(multiclass_accuracy(logits, torch.cat(ys), num_classes=n, average="macro")))
+    return sum(accs) / len(accs)
+
+
+def test_merged_module_chooses_scaling_on_validation(bundle_dir, tmp_path):
+    data = DigitsTasks(batch_size=64, seed=0)
+    grid = [1.0, 0.1, 0.5, 0.25]
+    save = tmp_path / "merged.safetensors"
+    module = MergedModule(
+        str(bundle_dir), method=get_method("task_arithmetic"), scaling_grid=grid, report_ensemble=False, save_path=str(save)
+    )
+    trainer().test(module, data, verbose=False)
+    bundle = ExpertBundle.load(bundle_dir)
+    expected = {
+        s: _validation_accuracy(bundle, get_method("task_arithmetic", scaling=s).merge(bundle.experts, bundle.base), data)
+        for s in sorted(grid)
+    }
+    assert list(module.scaling_search) == sorted(grid)
+    for s, acc in expected.items():
+        assert module.scaling_search[s] == pytest.approx(acc, abs=1e-6)
+    best = max(expected.values())
+    chosen = min(s for s, acc in expected.items() if acc >= best - 1e-9)  # ties: the smaller λ
+    assert module.selected_scaling == chosen == module.results["test/selected_scaling"]
+    assert module.method.scaling == 0.3  # the configured method itself is left as it was
+    # Evaluated and saved at the chosen λ: the same test results as a fixed-λ merge.
+    fixed = MergedModule(str(bundle_dir), method=get_method("task_arithmetic", scaling=chosen), report_ensemble=False)
+    trainer().test(fixed, data, verbose=False)
+    assert module.results["test/acc_mean"] == pytest.approx(fixed.results["test/acc_mean"])
+    merged = get_method("task_arithmetic", scaling=chosen).merge(bundle.experts, bundle.base)
+    assert all(torch.equal(load_state_dict(save)[k], merged[k]) for k in merged)
+
+
+def test_scaling_grid_is_checked_before_any_merge(bundle_dir):
+    with pytest.raises(ValueError, match="WeightAveraging .*no scaling"):
+        MergedModule(str(bundle_dir), method=get_method("average"), scaling_grid=[0.5])
+    with pytest.raises(ValueError, match="scaling_grid is empty"):
+        MergedModule(str(bundle_dir), method=get_method("ties"), scaling_grid=[])
+
+
 def test_bundle_without_manifest_is_refused(tmp_path):
     (tmp_path / "base.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="bundle.json is missing"):
