@@ -8,8 +8,9 @@ fine-tuned jointly from θ₀, expert t on task t with its own head
 *setting* changes one or two knobs of that pipeline's fine-tuning regime (expert lr,
 epochs, batch size, optimizer, width, pretraining length, whether the heads are
 linear-probed on θ₀ before fine-tuning, and whether they then stay frozen, as in task
-arithmetic's own protocol); every setting runs the same seeds. The default seeds 3-12 are
-disjoint from the demo's 0-2, so the sweep is also an independent check of the demo's table. The backbone
+arithmetic's own protocol); every setting runs the same seeds. The default seeds 3-12 were
+chosen disjoint from the demo's seeds when it ran 0-2 (it now runs 0-4), so the sweep also
+checks the demo's table on seeds it had not seen. The backbone
 has no BatchNorm, so BN handling is not an axis here.
 
 Per seed and setting, every model is evaluated per task with that task's own head

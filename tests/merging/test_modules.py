@@ -152,3 +152,22 @@ def test_ddp_two_process_fit_on_cpu(tmp_path):
     bundle = ExpertBundle.load(tmp_path / "experts")
     assert len(bundle.experts) == 4
     assert any(not torch.equal(bundle.experts[0][k], bundle.base[k]) for k in bundle.base)
+
+
+@pytest.mark.slow
+def test_ddp_scaling_search_picks_what_one_process_picks(bundle_dir, tmp_path):
+    """Under DDP (gloo, 2 CPU processes) every rank scores the whole validation split, so
+    rank zero saves the merge at the λ a single process chooses."""
+    data = DigitsTasks(batch_size=64, seed=0)
+    grid = [0.1, 0.3, 0.6, 1.0]
+    single = MergedModule(str(bundle_dir), method=get_method("task_arithmetic"), scaling_grid=grid, report_ensemble=False)
+    trainer().test(single, data, verbose=False)
+    save = tmp_path / "merged.safetensors"
+    ddp = MergedModule(
+        str(bundle_dir), method=get_method("task_arithmetic"), scaling_grid=grid, report_ensemble=False, save_path=str(save)
+    )
+    trainer(devices=2, strategy="ddp_spawn").test(ddp, data, verbose=False)
+    bundle = ExpertBundle.load(bundle_dir)
+    expected = get_method("task_arithmetic", scaling=single.selected_scaling).merge(bundle.experts, bundle.base)
+    saved = load_state_dict(save)
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
