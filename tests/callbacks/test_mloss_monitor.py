@@ -1,8 +1,11 @@
-"""MLossMonitor in real (tiny) fits: what it logs, that it observes only, resume, DDP."""
+"""MLossMonitor in real (tiny) fits: what it logs, that it observes only, resume, DDP, and
+its forward cache (the logged values do not depend on it; it saves the forwards of the
+models that stay fixed during the fit)."""
 
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -43,14 +46,37 @@ class _Net(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5)
 
 
-class _TwoExperts(LightningModule):
-    """Two experts fine-tuned jointly from one base (satisfies HasExperts)."""
+class _GeluNet(LightningModule):
+    """Linear -> GELU -> Linear on (x, y) batches (no dropout: forwards are deterministic)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.fc = nn.Linear(8, 16)
+        self.act = nn.GELU()
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.act(self.fc(x)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class _JointExperts(LightningModule):
+    """``num_experts`` experts fine-tuned jointly from one frozen base (satisfies
+    HasExperts); ``skeleton_forwards`` counts the forwards run on the base skeleton."""
+
+    def __init__(self, num_experts: int = 2) -> None:
+        super().__init__()
         self.skeleton = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
         self.skeleton.requires_grad_(False)
-        self.experts = nn.ModuleList(copy.deepcopy(self.skeleton).requires_grad_(True) for _ in range(2))
+        self.experts = nn.ModuleList(copy.deepcopy(self.skeleton).requires_grad_(True) for _ in range(num_experts))
+        self.skeleton_forwards = 0
+        self.skeleton.register_forward_pre_hook(lambda *args: setattr(self, "skeleton_forwards", self.skeleton_forwards + 1))
 
     def expert_state_dicts(self):
         return [e.state_dict() for e in self.experts]
@@ -167,7 +193,7 @@ def test_boring_model_gets_an_output_value(tmp_path):
 
 def test_multi_expert_module_measures_its_experts(tmp_path):
     seed_everything(0)
-    module = _TwoExperts()
+    module = _JointExperts()
     assert isinstance(module, HasExperts)
     loader = _loader()
     monitor = MLossMonitor(every_n_train_steps=4, num_batches=2)
@@ -321,3 +347,39 @@ def test_with_the_projects_multi_expert_module_and_digits(tmp_path):
     for layer in ("features.0", "features.3", "fc", "output"):
         assert last[f"mloss/layer/{layer}"] > 0, layer
     assert (tmp_path / "mloss_node_map.png").exists()
+
+
+# ---------------------------------------------------------------- the forward cache
+def _fit(tmp_path, make, cache: bool, **kwargs) -> tuple[MLossMonitor, LightningModule]:
+    seed_everything(0)
+    module = make()
+    monitor = MLossMonitor(every_n_train_steps=2, num_batches=2, cache_forwards=cache, heatmap_filename=None, **kwargs)
+    _trainer(tmp_path, [monitor], max_steps=6).fit(module, _loader())
+    return monitor, module
+
+
+@pytest.mark.parametrize("make", [_GeluNet, partial(_JointExperts, 3)], ids=["single-model", "multi-expert"])
+def test_logged_values_are_the_same_with_and_without_the_cache(tmp_path, make):
+    cached, _ = _fit(tmp_path, make, True)
+    plain, _ = _fit(tmp_path, make, False)
+    assert len(cached.history) == 3
+    assert cached.history == plain.history
+
+
+def test_peers_with_the_cache(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    peer = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in _GeluNet().state_dict().items()}
+    path = str(save_state_dict(peer, tmp_path / "peer.safetensors"))
+    cached, _ = _fit(tmp_path, _GeluNet, True, peers=[path])
+    plain, _ = _fit(tmp_path, _GeluNet, False, peers=[path])
+    assert cached.history == plain.history
+
+
+def test_the_frozen_base_is_evaluated_once_per_cached_batch(tmp_path):
+    # Every forward of the measurement runs on the skeleton (functional_call), so its
+    # pre-hook counts them all: measurements at steps 2, 4 and 6, on 2 cached batches.
+    _, cached = _fit(tmp_path, partial(_JointExperts, 3), True)
+    _, plain = _fit(tmp_path, partial(_JointExperts, 3), False)
+    per_measurement = 3 + 1  # the K experts' outputs and the average's
+    assert plain.skeleton_forwards == 3 * 2 * (per_measurement + 1) + 1  # + trace
+    assert cached.skeleton_forwards == 3 * 2 * per_measurement + 2 + 1
