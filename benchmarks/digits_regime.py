@@ -1,6 +1,6 @@
 """Which fine-tuning regime makes merges separate on the digits default? (issue #4)
 
-Set-up: the embedded :class:`~datamodules.DigitsTasks` (class-split tasks {0,1,2}, {3,4,5},
+Set-up: the embedded :class:`~merging.datamodules.DigitsTasks` (class-split tasks {0,1,2}, {3,4,5},
 {6,7}, {8,9} of scikit-learn's digits, no download), a ``SmallCNN`` backbone pretrained
 on the first task (:class:`~merging.modules.PretrainModule`, θ₀), then K = 4 experts
 fine-tuned jointly from θ₀, expert t on task t with its own head
@@ -65,7 +65,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules import DigitsTasks  # noqa: E402
+from merging.datamodules import DigitsTasks  # noqa: E402
 from merging.io import write_text_atomic  # noqa: E402
 from merging.methods import get_method  # noqa: E402
 from merging.modules import MultiExpertModule, PretrainModule  # noqa: E402

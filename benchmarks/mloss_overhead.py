@@ -56,8 +56,8 @@ from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import MLossMonitor
-from callbacks.mloss_monitor import DEFAULT_EVERY_N_TRAIN_STEPS
+from merging.callbacks import MLossMonitor
+from merging.callbacks.mloss_monitor import DEFAULT_EVERY_N_TRAIN_STEPS
 from merging.io import write_text_atomic
 from merging.mloss import find_activation_layers, m_loss
 from merging.models import MLP, SmallCNN
@@ -134,7 +134,7 @@ def _boring_case() -> tuple[LightningModule, Any]:
 
 
 def _digits_case() -> tuple[LightningModule, Any]:
-    from datamodules import DigitsTasks
+    from merging.datamodules import DigitsTasks
     from merging.modules import MultiExpertModule
 
     return MultiExpertModule(backbone_kwargs={"width": 16}), DigitsTasks(seed=0, batch_size=32)

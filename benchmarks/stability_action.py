@@ -1,13 +1,13 @@
 """Does stopping a drifting expert (``ExpertDriftStopper``) give a better merge than not stopping it?
 
-Set-up: the embedded :class:`~datamodules.DigitsTasks` (4 class-group tasks of scikit-learn's
+Set-up: the embedded :class:`~merging.datamodules.DigitsTasks` (4 class-group tasks of scikit-learn's
 digits, no download). An MLP backbone is pre-trained briefly on a pretext task (digit parity
 × digit ≥ 5, :func:`merging.diagnostics.pretrain_backbone`) on the tasks' training images;
 then 4 experts (backbone copy + own head) are fine-tuned jointly, each on its own task, with
 SGD (momentum 0.9). Experts 0-2 use lr 0.05; expert 3 uses 10× that, the heterogeneous,
 "over-trained" expert of the L2-stability paper's set-up. Two arms, same seeds:
 
-- ``monitor``: :class:`~callbacks.StabilityMonitor` only (observes);
+- ``monitor``: :class:`~merging.callbacks.StabilityMonitor` only (observes);
 - ``monitor + stopper``: plus ``ExpertDriftStopper(factor)``, which freezes an expert once
   ‖τ_j‖ exceeds ``factor`` × its peers' median.
 
@@ -38,8 +38,8 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from callbacks import ExpertDriftStopper, StabilityMonitor  # noqa: E402
-from datamodules import DigitsTasks  # noqa: E402
+from merging.callbacks import ExpertDriftStopper, StabilityMonitor  # noqa: E402
+from merging.datamodules import DigitsTasks  # noqa: E402
 from merging.diagnostics import pretrain_backbone  # noqa: E402
 from merging.io import write_text_atomic  # noqa: E402
 from merging.methods import get_method  # noqa: E402

@@ -1,7 +1,7 @@
 """The main job (``make demo``): pretrain, fine-tune K experts, merge with every method,
 and compare with the experts and their ensemble, over several seeds.
 
-On the embedded default (:class:`~datamodules.DigitsTasks`, scikit-learn's digits split
+On the embedded default (:class:`~merging.datamodules.DigitsTasks`, scikit-learn's digits split
 into class groups), per seed:
 
 1. pretrain a small CNN backbone on the first task (θ₀);
@@ -35,8 +35,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from callbacks import StabilityMonitor
-from datamodules import DigitsTasks
+from merging.callbacks import StabilityMonitor
+from merging.datamodules import DigitsTasks
 from merging.io import write_text_atomic
 from merging.methods import available_methods, get_method
 from merging.mloss import m_loss

@@ -38,7 +38,7 @@ from rich.table import Table
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from datamodules import DigitsTasks
+from merging.datamodules import DigitsTasks
 from merging.alignment import (
     ActPoint,
     MatchResult,
@@ -302,7 +302,7 @@ def different_init_scenario(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Table]:
     """Run the scenario over ``seeds`` and write ``different_init.{md,json}`` to ``out_dir``.
 
-    Per seed, K = 4 SmallCNN experts are trained on :class:`~datamodules.DigitsTasks`'
+    Per seed, K = 4 SmallCNN experts are trained on :class:`~merging.datamodules.DigitsTasks`'
     class-split tasks, expert t on task t from its own initialisation, then merged with
     every entry of ``merges`` (see :data:`DIFFERENT_INIT_MERGES`).
 

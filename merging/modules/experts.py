@@ -1,6 +1,6 @@
 """LightningModules that train: the shared backbone's pretraining, and K experts jointly.
 
-Both read a :class:`~datamodules.MultiTaskDataModule`'s combined training batch
+Both read a :class:`~merging.datamodules.MultiTaskDataModule`'s combined training batch
 ``{task_name: (x, y)}`` and its per-task validation loaders (``dataloader_idx`` = task).
 Task names and class counts are taken from the datamodule in ``setup`` when not given, so
 a YAML config needs to name the data only once.

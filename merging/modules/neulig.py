@@ -5,7 +5,7 @@ this module only orchestrates it in Lightning. Paper: NeuLig, ICCV 2025,
 https://github.com/LiQiiiii/Neural-Ligand; spec: ``spec/neulig.md``.
 
 Training (spec, [C]): only Portland is trained, with Adam; every training batch of a
-:class:`~datamodules.MultiTaskDataModule` is ``{task_name: (x, y)}`` and the module takes
+:class:`~merging.datamodules.MultiTaskDataModule` is ``{task_name: (x, y)}`` and the module takes
 **one optimizer step per task in turn** on these task-homogeneous batches (the code's
 round-robin). The datamodule cycles shorter tasks up to the longest one
 (``"max_size_cycle"``), where the code stops at the shortest: only the epoch length differs.
@@ -265,7 +265,7 @@ class NeuLigModule(LightningModule):
         """One Adam step per task, in task order, on ``{task_name: (x, y)}``.
 
         Args:
-            batch: a :class:`~datamodules.MultiTaskDataModule` training batch.
+            batch: a :class:`~merging.datamodules.MultiTaskDataModule` training batch.
             batch_idx: the batch index.
 
         Raises:

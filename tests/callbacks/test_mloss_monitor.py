@@ -17,8 +17,8 @@ from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from callbacks import MLossMonitor
-from callbacks.mloss_monitor import DEFAULT_EVERY_N_TRAIN_STEPS
+from merging.callbacks import MLossMonitor
+from merging.callbacks.mloss_monitor import DEFAULT_EVERY_N_TRAIN_STEPS
 from merging.io import save_state_dict
 from merging.mloss import OUTPUT, m_loss
 from merging.modules.protocols import HasExperts
@@ -336,7 +336,7 @@ def test_ddp_two_processes_log_the_mloss_of_both_shards(tmp_path):
 
 @pytest.mark.slow
 def test_with_the_projects_multi_expert_module_and_digits(tmp_path):
-    from datamodules import DigitsTasks
+    from merging.datamodules import DigitsTasks
     from merging.modules.experts import MultiExpertModule
 
     seed_everything(0)

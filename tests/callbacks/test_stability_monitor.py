@@ -16,8 +16,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import ExpertDriftStopper, StabilityMonitor
-from callbacks.stability_monitor import drift_ratios
+from merging.callbacks import ExpertDriftStopper, StabilityMonitor
+from merging.callbacks.stability_monitor import drift_ratios
 from merging.modules.protocols import HasExperts
 from merging.stability import task_vector_stats
 

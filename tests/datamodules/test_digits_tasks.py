@@ -8,7 +8,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from datamodules import DigitsTasks
+from merging.datamodules import DigitsTasks
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import datamodules.idx as idx_module
-from datamodules import FashionMNISTTasks
-from datamodules.fashion_mnist import fashion_mnist_dirs, locate_fashion_mnist
+import merging.datamodules.idx as idx_module
+from merging.datamodules import FashionMNISTTasks
+from merging.datamodules.fashion_mnist import fashion_mnist_dirs, locate_fashion_mnist
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.idx import (
+from merging.datamodules.idx import (
     IDXImageDataset,
     find_idx_files,
     locate_idx_files,

@@ -7,8 +7,8 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
-from datamodules import LabelledTensorDataset, MultiTaskDataModule, Task
-from datamodules.multitask import balanced_quotas, split_indices
+from merging.datamodules import LabelledTensorDataset, MultiTaskDataModule, Task
+from merging.datamodules.multitask import balanced_quotas, split_indices
 
 
 def id_task(name: str, n: int, num_classes: int, offset: int, test_n: int = 0) -> Task:

@@ -10,10 +10,10 @@ import torch
 import torchvision
 from PIL import Image
 
-import datamodules.idx as idx_module
-from datamodules import VISION_DATASETS, VisionTasks
-from datamodules.idx import IDXImageDataset
-from datamodules.vision import check_vision_dataset, image_transform, load_vision_dataset, vision_spec
+import merging.datamodules.idx as idx_module
+from merging.datamodules import VISION_DATASETS, VisionTasks
+from merging.datamodules.idx import IDXImageDataset
+from merging.datamodules.vision import check_vision_dataset, image_transform, load_vision_dataset, vision_spec
 
 
 @pytest.fixture(autouse=True)

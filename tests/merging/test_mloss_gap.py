@@ -59,7 +59,9 @@ def test_gap_is_exactly_zero_where_every_expert_agrees(act):
     gap, merged = centred_gap(z, torch.tensor([0.1, 0.2, 0.3, 0.4]), act)
     assert torch.count_nonzero(gap[agree]) == 0
     assert torch.count_nonzero(gap[~agree]) > 0
-    torch.testing.assert_close(merged[agree], act(z[0, agree].clone()), rtol=0, atol=0)
+    # The merged activation is σ(z_1) there, up to how the activation's vectorised and scalar
+    # code paths round (one ulp differs between torch builds): only the gap's zeros are exact.
+    torch.testing.assert_close(merged[agree], act(z[0, agree].clone()))
 
 
 def _conv_naive_node(x, weights, biases, conv, act):

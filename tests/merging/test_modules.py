@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from datamodules import DigitsTasks
+from merging.datamodules import DigitsTasks
 from merging.bundle import ExpertBundle
 from merging.io import load_state_dict
 from merging.methods import get_method

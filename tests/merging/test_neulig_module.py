@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from datamodules import DigitsTasks
+from merging.datamodules import DigitsTasks
 from merging.bundle import ExpertBundle
 from merging.io import save_state_dict
 from merging.methods import get_method

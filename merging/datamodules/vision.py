@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from datamodules import idx
-from datamodules.fashion_mnist import fashion_mnist_dirs
-from datamodules.multitask import MultiTaskDataModule, Task
+from merging.datamodules import idx
+from merging.datamodules.fashion_mnist import fashion_mnist_dirs
+from merging.datamodules.multitask import MultiTaskDataModule, Task
 
 Transform = Callable[[Any], Any]
 

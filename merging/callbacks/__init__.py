@@ -1,8 +1,8 @@
 """Lightning callbacks that plug into any project: they observe (MLossMonitor,
 StabilityMonitor) or, when added on purpose, act (ExpertDriftStopper)."""
 
-from callbacks.drift import ExpertDriftStopper
-from callbacks.mloss_monitor import MLossMonitor
-from callbacks.stability_monitor import StabilityMonitor
+from merging.callbacks.drift import ExpertDriftStopper
+from merging.callbacks.mloss_monitor import MLossMonitor
+from merging.callbacks.stability_monitor import StabilityMonitor
 
 __all__ = ["ExpertDriftStopper", "MLossMonitor", "StabilityMonitor"]

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from datamodules.class_groups import ClassGroupTasks, DEFAULT_GROUPS, class_group_tasks
-from datamodules.multitask import Task
+from merging.datamodules.class_groups import ClassGroupTasks, DEFAULT_GROUPS, class_group_tasks
+from merging.datamodules.multitask import Task
 
 
 class DigitsTasks(ClassGroupTasks):

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from callbacks.stability_monitor import drift_ratios
+from merging.callbacks.stability_monitor import drift_ratios
 from merging.modules.protocols import HasExperts
 from merging.stability import global_norm
 from merging.state import is_mergeable

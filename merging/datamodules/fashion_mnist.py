@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules import idx
-from datamodules.class_groups import ClassGroupTasks, DEFAULT_GROUPS, class_group_tasks, subsample_per_class
-from datamodules.multitask import Task
+from merging.datamodules import idx
+from merging.datamodules.class_groups import ClassGroupTasks, DEFAULT_GROUPS, class_group_tasks, subsample_per_class
+from merging.datamodules.multitask import Task
 
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",

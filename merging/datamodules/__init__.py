@@ -11,11 +11,11 @@
 This package depends on no model code.
 """
 
-from datamodules.class_groups import ClassGroupTasks
-from datamodules.digits import DigitsTasks
-from datamodules.fashion_mnist import FashionMNISTTasks
-from datamodules.multitask import LabelledTensorDataset, MultiTaskDataModule, Task
-from datamodules.vision import VISION_DATASETS, VisionTasks
+from merging.datamodules.class_groups import ClassGroupTasks
+from merging.datamodules.digits import DigitsTasks
+from merging.datamodules.fashion_mnist import FashionMNISTTasks
+from merging.datamodules.multitask import LabelledTensorDataset, MultiTaskDataModule, Task
+from merging.datamodules.vision import VISION_DATASETS, VisionTasks
 
 __all__ = [
     "VISION_DATASETS",

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from datamodules.multitask import LabelledTensorDataset, MultiTaskDataModule, Task
+from merging.datamodules.multitask import LabelledTensorDataset, MultiTaskDataModule, Task
 
 DEFAULT_GROUPS: tuple[tuple[int, ...], ...] = ((0, 1, 2), (3, 4, 5), (6, 7), (8, 9))
 
