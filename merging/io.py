@@ -58,7 +58,7 @@ def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None, check
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            if not _looks_like_torch_file(path):
+            if not looks_like_torch_file(path):
                 raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle)") from err
             raise CheckpointError(
                 f"{path}: refused to load: the file holds objects other than tensors and plain "
@@ -82,7 +82,7 @@ def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None, check
     return SourcedStateDict(state, source=str(path))
 
 
-def _looks_like_torch_file(path: Path) -> bool:
+def looks_like_torch_file(path: Path) -> bool:
     """torch.save writes a zip archive (or, legacy, a pickle starting with the PROTO opcode)."""
     with open(path, "rb") as f:
         head = f.read(4)

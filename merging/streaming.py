@@ -27,6 +27,8 @@ bit for bit: the per-entry arithmetic is the method's own.
 from __future__ import annotations
 
 import argparse
+import collections.abc
+import inspect
 import json
 import logging
 import mmap
@@ -34,6 +36,8 @@ import os
 import struct
 import sys
 import time
+import types
+import typing
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -46,7 +50,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from merging.io import CheckpointError, write_atomic
+from merging.io import CheckpointError, looks_like_torch_file, write_atomic
 from merging.methods import MergeMethod, available_methods, get_method
 from merging.state import (
     SourcedStateDict,
@@ -115,6 +119,13 @@ class LazySafetensors(Mapping[str, Tensor]):
         self.source = str(self.path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no such safetensors file: {self.path}")
+        if looks_like_torch_file(self.path):
+            raise CheckpointError(
+                f"{self.path}: a torch checkpoint (torch.save or a Lightning .ckpt), not a safetensors file; "
+                "merges from files read only safetensors, whose header gives every tensor's place without "
+                f"unpickling. Convert it once: merging convert {self.path} {self.path.with_suffix('.safetensors')} "
+                "(add --prefix model. to keep and strip a LightningModule's attribute prefix)"
+            )
         try:
             # safetensors validates the header (offsets in bounds, contiguous, no overlap).
             with safe_open(self.source, framework="pt") as handle:
@@ -436,6 +447,23 @@ def parse_hparams(items: Sequence[str]) -> dict[str, Any]:
     return hparams
 
 
+RUN_WITH_DATA: dict[str, str] = {
+    "mties": "merging test --config configs/merge/mties.yaml",
+    "mudsc": "merging test --config configs/merge/mudsc.yaml",
+    "neulig": "merging fit --config configs/neulig/digits.yaml",
+}
+"""The command that runs each method needing a model and data (which files alone do not give)."""
+
+
+def streamable_methods() -> list[str]:
+    """Methods :func:`merge_files` can run: per-entry merges that need neither a model nor data."""
+    return [name for name in available_methods() if _streamable(type(get_method(name)))]
+
+
+def _streamable(cls: type[MergeMethod]) -> bool:
+    return cls.merge is MergeMethod.merge and not (cls.requires_model or cls.requires_data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``merging merge`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -443,24 +471,121 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge expert safetensors files into one, streamed tensor by tensor "
         "(peak memory about K tensors, not K models).",
     )
+    others = sorted(set(available_methods()) - set(streamable_methods()))
     parser.add_argument("--experts", nargs="+", required=True, metavar="FILE", help="θ_1..θ_K, *.safetensors")
     parser.add_argument("--base", metavar="FILE", help="θ₀, the pretrained weights (*.safetensors)")
-    parser.add_argument("--method", required=True, help=f"one of: {', '.join(available_methods())}")
-    parser.add_argument("--hparams", nargs="*", default=[], metavar="NAME=VALUE", help="method hyperparameters")
+    parser.add_argument(
+        "--method",
+        required=True,
+        help=f"one of: {', '.join(streamable_methods())} ({', '.join(others)} need a model and data: "
+        "run them with a model and data config, e.g. merging test --config configs/merge/mties.yaml)",
+    )
+    parser.add_argument(
+        "--hparams", nargs="*", default=[], metavar="NAME=VALUE", help="method hyperparameters, e.g. density=0.2"
+    )
     parser.add_argument("--out", required=True, metavar="FILE", help="merged *.safetensors (written atomically)")
     parser.add_argument("--no-check-values", action="store_true", help="skip the NaN/inf pass over the inputs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
+def build_method(name: str, items: Sequence[str]) -> MergeMethod:
+    """The merge method ``name`` with its ``--hparams`` ``NAME=VALUE`` items.
+
+    Each value is parsed with ``yaml.safe_load`` and checked against the annotation of the
+    method's ``__init__`` argument before the method is built.
+
+    Raises:
+        ValueError: unknown method, unknown hyperparameter (the message lists the method's),
+            a value of the wrong type, or one the method refuses; every message names the key.
+    """
+    cls = type(get_method(name))
+    hparams = parse_hparams(items)
+    signature = inspect.signature(cls.__init__)
+    accepted = {k: p for k, p in signature.parameters.items() if k != "self"}
+    unknown = sorted(set(hparams) - set(accepted))
+    if unknown:
+        listed = ", ".join(f"{k}={p.default!r}" for k, p in accepted.items()) or "none"
+        raise ValueError(f"--hparams: {name} has no hyperparameter {', '.join(map(repr, unknown))}; it takes {listed}")
+    hints = typing.get_type_hints(cls.__init__)
+    for key, value in hparams.items():
+        expected = hints.get(key)
+        if expected is not None and not _matches(value, expected):
+            raise ValueError(
+                f"--hparams {key}={value!r}: {name}'s {key} must be {_describe_type(expected)} "
+                f"(e.g. {key}={accepted[key].default!r})"
+            )
+    try:
+        return cls(**hparams)
+    except (TypeError, ValueError) as err:
+        given = " ".join(f"{k}={v!r}" for k, v in hparams.items())
+        raise ValueError(f"--hparams {given}: {err}") from err
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    """Whether a YAML-parsed value fits a (simple) annotation; unknown annotations pass."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(expected))
+    if origin is typing.Literal:
+        return value in typing.get_args(expected)
+    if origin in (list, tuple, Sequence, collections.abc.Sequence):
+        args = typing.get_args(expected)
+        return isinstance(value, (list, tuple)) and (not args or all(_matches(v, args[0]) for v in value))
+    if expected is type(None):
+        return value is None
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected in (bool, str):
+        return isinstance(value, expected)
+    return True
+
+
+def _describe_type(expected: Any) -> str:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(arg) for arg in typing.get_args(expected))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(expected)))
+    if origin is not None:
+        return f"a list ({expected})"
+    if expected is type(None):
+        return "null"
+    name = getattr(expected, "__name__", str(expected))
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    inputs = [*args.experts, *([args.base] if args.base else [])]
+    out = Path(args.out).resolve()
+    for path in inputs:
+        if Path(path).resolve() == out or (out.exists() and Path(path).exists() and os.path.samefile(path, out)):
+            parser.error(f"--out {args.out} is also an input ({path}); the merge would replace a file it reads")
+    if len(args.experts) == 1:
+        sys.stderr.write(
+            f"{parser.prog}: warning: one expert given ({args.experts[0]}): {args.method} of one expert is that "
+            "expert (or θ₀ plus its scaled task vector); pass the other experts with --experts A B ...\n"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``merging merge`` (argument errors exit with status 2, input errors with 1)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.method in available_methods() and not _streamable(type(get_method(args.method))):
+        hint = RUN_WITH_DATA.get(args.method, "a MergedModule config with merging test --config ...")
+        parser.error(
+            f"--method {args.method} needs the experts' model and unlabeled input batches, which safetensors files "
+            f"alone do not give, so merging merge cannot run it. Run it on an expert bundle with a model and data "
+            f"config: {hint}; or in Python: get_method({args.method!r}).merge(experts, base, model=..., data=...)"
+        )
     try:
-        method = get_method(args.method, **parse_hparams(args.hparams))
-    except (TypeError, ValueError) as err:
+        method = build_method(args.method, args.hparams)
+    except ValueError as err:
         parser.error(str(err))
+    _check_paths(parser, args)
     try:
         merge_files(
             method,
@@ -475,7 +600,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
 
 
-__all__ = ["LazySafetensors", "SAFETENSORS_DTYPES", "merge_files", "parse_hparams", "stream_safetensors"]
+__all__ = [
+    "LazySafetensors",
+    "RUN_WITH_DATA",
+    "SAFETENSORS_DTYPES",
+    "build_method",
+    "merge_files",
+    "parse_hparams",
+    "stream_safetensors",
+    "streamable_methods",
+]
 
 
 if __name__ == "__main__":

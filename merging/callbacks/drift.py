@@ -142,7 +142,7 @@ class ExpertDriftStopper(Callback):
             )
         metrics = {f"stability/expert_{j}/stopped": float(j in self.stopped) for j in range(k)}
         metrics["stability/num_stopped"] = float(len(self.stopped))
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     @override
     def on_before_optimizer_step(

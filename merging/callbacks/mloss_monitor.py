@@ -74,14 +74,16 @@ class MLossMonitor(Callback):
         every_n_epochs: measure after every N training epochs instead.
         num_batches: how many training batches to cache and measure on.
         input_fn: ``batch -> forward's positional arguments`` (a Tensor or a tuple), e.g.
-            ``lambda batch: (batch[0], batch[1])`` for a model called as ``forward(inputs, target)``.
+            ``lambda batch: (batch[0], batch[1])`` for a model called as ``forward(inputs, target)``
+            (a module-level function under ``strategy="ddp_spawn"``, which pickles the callbacks).
         peers: checkpoint files of peer experts (safetensors, torch, Lightning ``.ckpt``),
             keyed like ``pl_module.state_dict()`` (after ``peer_prefix``), loaded with
             :func:`merging.io.load_state_dict`.
         peer_prefix: key prefix to keep and strip when loading peers.
         reference: the model whose layer inputs are hooked: ``"pretrained"`` (θ₀),
             ``"average"``, ``"incremental"`` (see :func:`merging.mloss.m_loss`).
-        layers: layer names to measure; None: every Linear/Conv feeding an activation module.
+        layers: layer names to measure, or ``{name: activation σ}`` where σ is functional
+            (``F.relu`` in ``forward``); None: every Linear/Conv feeding an activation module.
         output: also measure the model output (logged as ``<prefix>/layer/output``).
         node_groups: columns of the node map.
         heatmap_filename: file name of the node map PNG; None: do not write it.
@@ -108,7 +110,7 @@ class MLossMonitor(Callback):
         peers: Sequence[str] | None = None,
         peer_prefix: str | None = None,
         reference: Literal["pretrained", "incremental", "average"] = "pretrained",
-        layers: list[str] | None = None,
+        layers: list[str] | dict[str, Callable[[Tensor], Tensor]] | None = None,
         output: bool = True,
         node_groups: int = 32,
         heatmap_filename: str | None = "mloss_node_map.png",
@@ -139,7 +141,7 @@ class MLossMonitor(Callback):
         self.peers = list(peers) if peers else []
         self.peer_prefix = peer_prefix
         self.reference = reference
-        self.layers = list(layers) if layers is not None else None
+        self.layers = dict(layers) if isinstance(layers, Mapping) else (list(layers) if layers is not None else None)
         self.output = output
         self.node_groups = node_groups
         self.heatmap_filename = heatmap_filename
@@ -256,6 +258,8 @@ class MLossMonitor(Callback):
             return
         self._inputs.append(self._select_inputs(pl_module, batch))
         self._cache_closed = len(self._inputs) >= self.num_batches
+        if self._meter is None:
+            self._build_meter(pl_module)
 
     @override
     def on_train_batch_end(
@@ -379,24 +383,68 @@ class MLossMonitor(Callback):
         experts = [current, *self._peer_states] if self._peer_states else [self._snapshot, current]
         return pl_module, experts, self._snapshot
 
+    def _build_meter(self, pl_module: LightningModule) -> None:
+        """Trace the measured layers on the first cached batch (before the first step trains on
+        it, so a bad ``layers`` setting fails before any training) and say what is measured."""
+        model, experts, base = self._models(pl_module)
+        with torch.no_grad(), _preserve_rng(pl_module.device):
+            self._meter = MLossMeter(
+                model,
+                experts,
+                self._inputs[0],
+                base=base,
+                layers=self.layers,
+                reference=self.reference,
+                output=self.output,
+                check_values=False,
+                cache_forwards=self.cache_forwards,
+            )
+        self._describe(pl_module, self._meter.layer_names, num_experts=len(experts))
+
+    def _describe(self, pl_module: LightningModule, layers: list[str], *, num_experts: int) -> None:
+        """One info line: which models, which layers, which reference, how often; a warning
+        when no hidden layer is measured."""
+        name = type(pl_module).__name__
+        if isinstance(pl_module, HasExperts):
+            models = f"the {num_experts - len(self._peer_states)} experts of {name} against each other"
+            if self._peer_states:
+                models += f" and {len(self._peer_states)} peer checkpoint(s)"
+            base = "their shared base"
+        elif self._peer_states:
+            models = f"{name} together with {len(self._peer_states)} peer checkpoint(s)"
+            base = "its weights at the start of fit"
+        else:
+            models = f"{name}'s current weights against its weights at the start of fit"
+            base = "the start-of-fit weights"
+        shown = ", ".join(layers[:4]) + (f", ... ({len(layers)} in all)" if len(layers) > 4 else "")
+        what = f"{len(layers)} layer(s) ({shown})" if layers else "no hidden layer"
+        if self.output:
+            what += " and the model output"
+        schedule = (
+            f"every {self.every_n_train_steps} optimizer steps"
+            if self.every_n_train_steps is not None
+            else f"every {self.every_n_epochs} epoch(s)"
+        )
+        rank_zero_info(
+            f"MLossMonitor: M-Loss of {models}, on {what}; θ₀ = {base}, reference={self.reference!r}; "
+            f"{schedule} and at the end of fit, on {self.num_batches} cached training batch(es)."
+        )
+        if not layers:
+            rank_zero_warn(
+                f"MLossMonitor: no nn.Linear/nn.Conv layer of {name} feeds an element-wise activation module, so "
+                + ("only the model output is measured" if self.output else "nothing is measured")
+                + ". The output M-Loss is 0 whenever the output is linear in the weights (averaging the weights "
+                "then equals averaging the outputs). Name the layers with layers=[...] (a mapping "
+                "{name: activation} when the activation is functional)."
+            )
+
     def _measure(self, trainer: Trainer, pl_module: LightningModule) -> MLossReport:
         """M-Loss on the cached inputs, reduced over ranks (every rank must call it)."""
         model, experts, base = self._models(pl_module)
         with torch.no_grad(), _preserve_rng(pl_module.device):
-            if self._meter is None:
-                self._meter = MLossMeter(
-                    model,
-                    experts,
-                    self._inputs[0],
-                    base=base,
-                    layers=self.layers,
-                    reference=self.reference,
-                    output=self.output,
-                    check_values=False,
-                    cache_forwards=self.cache_forwards,
-                )
-            else:
-                self._meter.set_experts(experts, base, check_values=False)
+            if self._meter is None:  # no batch was cached since setup (cannot happen in a fit)
+                raise RuntimeError("MLossMonitor: no training batch was cached before the measurement")
+            self._meter.set_experts(experts, base, check_values=False)
             if self._metric is None:
                 self._metric = MLoss(self._meter.node_sizes).to(pl_module.device)
             self._metric.reset()

@@ -266,6 +266,22 @@ class StabilityMonitor(Callback):
                 stats.load_state_dict(state)
             self.history = list(loaded["history"])
             self.train_loss = loaded["train_loss"]
+        self._describe(pl_module, models)
+
+    def _describe(self, pl_module: LightningModule, models: list[dict[str, Tensor]]) -> None:
+        """One info line: which models are tracked, against which θ₀, and how often."""
+        name = type(pl_module).__name__
+        entries = sum(v.numel() for v in models[0].values()) if models else 0
+        if self.multi_expert:
+            what = f"the {len(models)} experts of {name} ({entries:,} entries each) against their base θ₀"
+        else:
+            frozen = f", {len(self._frozen)} frozen parameter(s) left out" if self._frozen else ""
+            what = f"{name} as one model ({entries:,} entries{frozen}) against its weights at the start of fit (θ₀)"
+        sparse = ", ".join(_sparsifier_label(self, n) for n in self.sparsifiers) or "none"
+        rank_zero_info(
+            f"StabilityMonitor: tracking {what}; step statistics every optimizer step, task-vector statistics "
+            f"every {self._every} steps and at each epoch end; sparsified versions: {sparse}."
+        )
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -374,7 +390,8 @@ class StabilityMonitor(Callback):
         self._pending_grad.clear()
         if trainer.global_step % self._every == 0:
             metrics.update(self._task_vector_metrics(trainer, pl_module))
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        # Values of the whole step, the same on every rank: no batch to weight them by.
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -390,9 +407,13 @@ class StabilityMonitor(Callback):
         if float(totals[1]) > 0:
             self.train_loss = float(totals[0] / totals[1])
             # Already global; sync_dist only tells Lightning so (the mean of equal values).
-            pl_module.log("stability/train_loss", self.train_loss, on_step=False, on_epoch=True, sync_dist=True)
+            pl_module.log(
+                "stability/train_loss", self.train_loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=1
+            )
         if trainer.global_step % self._every != 0:
-            pl_module.log_dict(self._task_vector_metrics(trainer, pl_module), on_step=False, on_epoch=True)
+            pl_module.log_dict(
+                self._task_vector_metrics(trainer, pl_module), on_step=False, on_epoch=True, batch_size=1
+            )
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -637,7 +658,8 @@ def stability_report_markdown(
             f"{straight} | {s.mean_grad_norm:.4g} | {s.mean_sq_grad_norm:.4g} |"
         )
     if monitor.train_loss is not None:
-        lines += ["", f"Last epoch's mean training loss (all ranks, all experts together): {monitor.train_loss:.4g}."]
+        together = "all ranks, all experts together" if monitor.multi_expert else "all ranks"
+        lines += ["", f"Last epoch's mean training loss ({together}): {monitor.train_loss:.4g}."]
     findings: list[str] = []
     if multi:
         ratios = drift_ratios(dense.norms)
@@ -733,9 +755,13 @@ def stability_report_markdown(
             if multi and dense.dispersion > 0:
                 findings.append(f"{label} changes D by a factor {s.dispersion / dense.dispersion:.2f}.")
             elif not multi and float(dense.norms.mean()) > 0:
-                findings.append(
-                    f"{label} keeps {float(s.norms.pow(2).mean() / dense.norms.pow(2).mean()):.0%} of ‖τ‖²."
+                factor = float(s.norms.pow(2).mean() / dense.norms.pow(2).mean())
+                note = (
+                    f" (its 1/(1 − p) rescaling makes this {1 / (1 - monitor.drop_rate):.3g} in expectation)"
+                    if name == "dare"
+                    else ""
                 )
+                findings.append(f"{label} multiplies ‖τ‖² by {factor:.3g}{note}.")
     if monitor.track_updates:
         for j, (name, s) in enumerate(zip(names, trajectories, strict=True)):
             if s.path_length > 0:

@@ -130,12 +130,13 @@ class PretrainModule(_TaskModule):
         return self.skeleton(x)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        losses = []
+        losses, samples = [], 0
         for t in self.pretrain_tasks:
             x, y = batch[self.task_names[t]]
             losses.append(F.cross_entropy(self.heads[t](self.skeleton(x)), y))
+            samples += x.shape[0]
         loss = torch.stack(losses).sum()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=samples)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -230,14 +231,15 @@ class MultiExpertModule(_TaskModule):
         return self.heads[task](self.experts[task](x))
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        losses = []
+        losses, samples = [], 0
         for t, name in enumerate(self.task_names):
             x, y = batch[name]
             loss_t = F.cross_entropy(self(x, t), y)
-            self.log(f"train/loss/{name}", loss_t)
+            self.log(f"train/loss/{name}", loss_t, batch_size=x.shape[0])
             losses.append(loss_t)
+            samples += x.shape[0]
         loss = torch.stack(losses).sum()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=samples)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

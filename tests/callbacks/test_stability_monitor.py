@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import re
 
 import pytest
 import torch
@@ -238,7 +239,10 @@ def test_report_files_for_a_single_model(tmp_path):
     make_trainer(tmp_path, [monitor], max_epochs=2).fit(model)
     text = (tmp_path / "stability_report.md").read_text()
     assert "## Per model" in text and "## What the measurements show" in text
-    assert "TIES trim (density 0.2) keeps" in text
+    assert "TIES trim (density 0.2) multiplies ‖τ‖² by" in text
+    assert "DARE drop (p = 0.9) multiplies ‖τ‖² by" in text and "makes this 10 in expectation" in text
+    assert "experts" not in text  # one model is never worded as experts
+    assert not re.search(r"(\d{4,}|[2-9]\d\d|1[1-9]\d|10[1-9])%", text)  # no "share" above 100 %
     assert (tmp_path / "stability_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
