@@ -23,8 +23,17 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
 from typing_extensions import override
 
+from merging._validation import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_int,
+    check_str,
+    check_str_list,
+    listed,
+)
 from merging.io import load_state_dict, write_atomic
-from merging.mloss import MLoss, MLossMeter, MLossReport, as_forward_args, check_state_keys, node_group_map
+from merging.mloss import OUTPUT, MLoss, MLossMeter, MLossReport, as_forward_args, check_state_keys, node_group_map
 from merging.modules.protocols import HasExperts
 from merging.state import StateDict
 
@@ -81,7 +90,8 @@ class MLossMonitor(Callback):
         peer_prefix: key prefix to keep and strip when loading peers.
         reference: the model whose layer inputs are hooked: ``"pretrained"`` (θ₀),
             ``"average"``, ``"incremental"`` (see :func:`merging.mloss.m_loss`).
-        layers: layer names to measure; None: every Linear/Conv feeding an activation module.
+        layers: layer names to measure (a list, checked against the model when the fit
+            starts); None: every Linear/Conv feeding an activation module.
         output: also measure the model output (logged as ``<prefix>/layer/output``).
         node_groups: columns of the node map.
         heatmap_filename: file name of the node map PNG; None: do not write it.
@@ -91,6 +101,11 @@ class MLossMonitor(Callback):
             and outputs at later measurements (:class:`merging.mloss.MLossMeter`'s
             ``cache_forwards``; the values are the same). Costs a copy of the measured
             layers' inputs for ``num_batches`` batches.
+
+    Raises:
+        TypeError: a setting has the wrong type (a float or bool for an int, a string for a list).
+        ValueError: a setting is out of range; at fit start, ``layers`` names no measurable
+            module of the model (the message lists the measurable ones).
 
     Example::
 
@@ -115,36 +130,32 @@ class MLossMonitor(Callback):
         log_prefix: str = "mloss",
         cache_forwards: bool = True,
     ) -> None:
+        owner = "MLossMonitor"
+        every_n_train_steps = check_int(
+            "every_n_train_steps", every_n_train_steps, minimum=1, optional=True, owner=owner
+        )
+        every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=1, optional=True, owner=owner)
         if every_n_train_steps is not None and every_n_epochs is not None:
             raise ValueError("MLossMonitor: give every_n_train_steps or every_n_epochs, not both")
         if every_n_train_steps is None and every_n_epochs is None:
             every_n_train_steps = DEFAULT_EVERY_N_TRAIN_STEPS
-        for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
-            if value is not None and value < 1:
-                raise ValueError(f"MLossMonitor: {name} must be >= 1, got {value}")
-        if num_batches < 1:
-            raise ValueError(f"MLossMonitor: num_batches must be >= 1, got {num_batches}")
-        if reference not in ("pretrained", "incremental", "average"):
-            raise ValueError(
-                f"MLossMonitor: reference must be 'pretrained', 'incremental' or 'average', got {reference!r}"
-            )
-        if node_groups < 1:
-            raise ValueError(f"MLossMonitor: node_groups must be >= 1, got {node_groups}")
-        if isinstance(peers, str):
+        if isinstance(peers, (str, os.PathLike)):
             peers = [peers]
+        if peers is not None and not isinstance(peers, Sequence):
+            raise TypeError(f"MLossMonitor: peers must be a list of checkpoint paths or None, got {peers!r}")
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
-        self.num_batches = num_batches
-        self.input_fn = input_fn
-        self.peers = list(peers) if peers else []
-        self.peer_prefix = peer_prefix
-        self.reference = reference
-        self.layers = list(layers) if layers is not None else None
-        self.output = output
-        self.node_groups = node_groups
-        self.heatmap_filename = heatmap_filename
-        self.log_prefix = log_prefix
-        self.cache_forwards = cache_forwards
+        self.num_batches = check_int("num_batches", num_batches, minimum=1, owner=owner)
+        self.input_fn = check_callable("input_fn", input_fn, owner=owner)
+        self.peers = [check_str("peers", path, path=True, owner=owner) for path in peers or []]
+        self.peer_prefix = check_str("peer_prefix", peer_prefix, optional=True, nonempty=False, owner=owner)
+        self.reference = check_choice("reference", reference, ("pretrained", "incremental", "average"), owner=owner)
+        self.layers = check_str_list("layers", layers, optional=True, owner=owner)
+        self.output = check_bool("output", output, owner=owner)
+        self.node_groups = check_int("node_groups", node_groups, minimum=1, owner=owner)
+        self.heatmap_filename = check_str("heatmap_filename", heatmap_filename, optional=True, owner=owner)
+        self.log_prefix = check_str("log_prefix", log_prefix, owner=owner)
+        self.cache_forwards = check_bool("cache_forwards", cache_forwards, owner=owner)
 
         self._snapshot: StateDict | None = None
         self._peer_states: list[StateDict] = []
@@ -221,6 +232,23 @@ class MLossMonitor(Callback):
         self._last_report = None
         self._last_measured_step = -1
         self._last_measured_epoch = -1
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Called when fit begins (after ``configure_model``, before any step): checks that
+        ``layers`` names measurable modules of the model.
+
+        Args:
+            trainer: the current :class:`~lightning.pytorch.trainer.trainer.Trainer` instance.
+            pl_module: the current :class:`~lightning.pytorch.core.LightningModule` instance.
+
+        Raises:
+            ValueError: a name in ``layers`` is no ``nn.Linear``/``nn.Conv`` module of the
+                measured model; the message lists those it has.
+        """
+        if self.layers is not None:
+            model = pl_module.skeleton if isinstance(pl_module, HasExperts) else pl_module
+            _check_layers(model, self.layers)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -415,6 +443,18 @@ class MLossMonitor(Callback):
         # epoch level only averages identical values (and keeps Lightning from warning).
         for key, value in report.scalars(self.log_prefix).items():
             pl_module.log(key, value, on_step=not on_epoch, on_epoch=on_epoch, sync_dist=on_epoch, batch_size=1)
+
+
+def _check_layers(model: nn.Module, layers: Sequence[str]) -> None:
+    """Every name in ``layers`` is an ``nn.Linear``/``nn.Conv`` module of ``model``."""
+    measurable = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    bad = [name for name in layers if name not in measurable]
+    if bad:
+        reserved = f" ({OUTPUT!r} is the model output, measured with output=True)" if OUTPUT in bad else ""
+        raise ValueError(
+            f"MLossMonitor: layers {bad} name no nn.Linear/nn.Conv module of {type(model).__name__}{reserved}; "
+            f"its measurable layers are {listed(measurable) or 'none'}"
+        )
 
 
 @contextmanager

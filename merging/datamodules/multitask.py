@@ -33,6 +33,8 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from merging._validation import check_bool, check_float, check_int
+
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -208,11 +210,12 @@ class MultiTaskDataModule(LightningDataModule):
         batch_size: batch size B of every per-task training loader.
         eval_batch_size: batch size of validation/test loaders (default: ``batch_size``).
         num_workers: DataLoader worker processes per loader.
-        seed: seed of the splits and of the training shuffles.
+        seed: seed of the splits and of the training shuffles, an int >= 0.
         pin_memory: pin host memory in every loader (for GPU training).
         drop_last: drop each training loader's last incomplete batch.
 
     Raises:
+        TypeError: a setting has the wrong type (a float or a bool where an int is expected).
         ValueError: a fraction is out of range, a size is not positive, or task names repeat.
     """
 
@@ -229,17 +232,22 @@ class MultiTaskDataModule(LightningDataModule):
         drop_last: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        owner = type(self).__name__
+        val_fraction = check_float(
+            "val_fraction", val_fraction, low=0.0, high=1.0, low_open=True, high_open=True, owner=owner
+        )
+        test_fraction = check_float("test_fraction", test_fraction, low=0.0, high=1.0, high_open=True, owner=owner)
+        if val_fraction + test_fraction >= 1.0:
             raise ValueError(
-                f"test_fraction must be in [0, 1) with val_fraction + test_fraction < 1, "
+                f"{owner}: test_fraction must be in [0, 1) with val_fraction + test_fraction < 1, "
                 f"got val_fraction={val_fraction}, test_fraction={test_fraction}"
             )
-        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ValueError(f"batch sizes must be >= 1, got {batch_size=}, {eval_batch_size=}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        batch_size = check_int("batch_size", batch_size, minimum=1, owner=owner)
+        eval_batch_size = check_int("eval_batch_size", eval_batch_size, minimum=1, optional=True, owner=owner)
+        num_workers = check_int("num_workers", num_workers, minimum=0, owner=owner)
+        seed = check_int("seed", seed, minimum=0, owner=owner)
+        pin_memory = check_bool("pin_memory", pin_memory, owner=owner)
+        drop_last = check_bool("drop_last", drop_last, owner=owner)
         if tasks is not None:
             tasks = list(tasks)
             _check_task_list(tasks)
