@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from merging._validation import check_bool, check_float, check_int
+from merging.datamodules.sampling import SeededRandomSampler
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -200,7 +201,12 @@ class MultiTaskDataModule(LightningDataModule):
     train/val by ``val_fraction`` and tested on its test split; any other task is split into
     train/val/test by ``val_fraction``/``test_fraction``. One ``torch.Generator`` seeded with
     ``seed`` draws the splits of the tasks in order, so they are identical on every run and
-    every DDP rank. The train loaders shuffle with generators seeded from ``seed`` too.
+    every DDP rank. The train loaders shuffle with a
+    :class:`~merging.datamodules.sampling.SeededRandomSampler` each, seeded from ``seed`` and the
+    task index: the order of epoch ``e`` is a function of (seed, task, e), and Lightning sets
+    ``e`` at every epoch, so a fit resumed from a checkpoint sees the same batches as an
+    uninterrupted one (under DDP, Lightning's ``DistributedSampler`` takes over the shuffling, with
+    the same property).
 
     Args:
         tasks: the tasks; ``None`` when a subclass builds them in :meth:`build_tasks`.
@@ -407,26 +413,25 @@ class MultiTaskDataModule(LightningDataModule):
         Args:
             task: task index or name.
             split: ``"train"``, ``"val"`` or ``"test"``.
-            shuffle: default ``True`` for train (seeded from ``seed`` and the task index),
-                ``False`` otherwise.
+            shuffle: default ``True`` for train, ``False`` otherwise. A shuffled loader draws
+                its order with a :class:`~merging.datamodules.sampling.SeededRandomSampler`
+                seeded from ``seed`` and the task index: epoch ``e``'s order depends on
+                (seed, task, e) only, so a resumed fit continues the uninterrupted one's orders.
             batch_size: default ``batch_size`` for train, ``eval_batch_size`` otherwise.
         """
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_int("batch_size", batch_size, minimum=1, optional=True, owner="task_dataloader")
         index = self.task_index(task)
         dataset = self.dataset(index, split)
         train = split == "train"
-        shuffle = train if shuffle is None else shuffle
-        generator = torch.Generator().manual_seed(self.seed + 1 + index) if shuffle else None
+        shuffle = train if shuffle is None else check_bool("shuffle", shuffle, owner="task_dataloader")
         return DataLoader(
             dataset,
             batch_size=batch_size or (self.batch_size if train else self.eval_batch_size),
-            shuffle=shuffle,
+            sampler=SeededRandomSampler(dataset, seed=self.seed + 1 + index) if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             drop_last=self.drop_last and train,
             persistent_workers=self.num_workers > 0,
-            generator=generator,
         )
 
     def train_dataloader(self) -> CombinedLoader:
