@@ -25,6 +25,10 @@ class SeededRandomSampler(RandomSampler):
     gives that epoch's order again, as ``DistributedSampler`` does. Outside Lightning, call
     ``set_epoch`` yourself before each epoch.
 
+    Exact from checkpoints taken at an epoch's end (``last.ckpt``): a checkpoint taken within
+    an epoch (``ModelCheckpoint(every_n_train_steps=...)``) does not hold a plain
+    ``DataLoader``'s position, so the resumed epoch starts its order again from the beginning.
+
     Under a distributed strategy Lightning replaces it, as any ``RandomSampler``, with a
     ``DistributedSampler(shuffle=True, seed=<the seed_everything seed, 0 if none>)``, whose
     order is likewise a function of (that seed, epoch) and whose ``set_epoch`` Lightning calls:
@@ -61,9 +65,6 @@ class SeededRandomSampler(RandomSampler):
 
     def __iter__(self) -> Iterator[int]:
         yield from self.permutation().tolist()
-
-    def __len__(self) -> int:
-        return len(self.data_source)
 
 
 __all__ = ["SeededRandomSampler"]
