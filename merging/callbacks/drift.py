@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from merging._validation import check_float, check_int
 from merging.callbacks.stability_monitor import drift_ratios
 from merging.modules.protocols import HasExperts
 from merging.stability import global_norm
@@ -48,7 +49,11 @@ class ExpertDriftStopper(Callback):
         factor: stop expert j when its drift ratio exceeds this (> 1).
         check_every_n_steps: how often (optimizer steps) the ratios are checked.
         min_steps: no expert is stopped before this many optimizer steps.
-        max_stopped: at most this many experts are stopped (None: all but one).
+        max_stopped: at most this many experts are stopped, >= 1 (None: all but one).
+
+    Raises:
+        TypeError: a setting has the wrong type (a float or bool for an int).
+        ValueError: a setting is out of range.
 
     Attributes:
         stopped: ``{expert index: the global step it was stopped at}``.
@@ -57,16 +62,11 @@ class ExpertDriftStopper(Callback):
     def __init__(
         self, factor: float = 3.0, check_every_n_steps: int = 1, min_steps: int = 0, max_stopped: int | None = None
     ) -> None:
-        if factor <= 1.0:
-            raise ValueError(f"factor must exceed 1, got {factor}")
-        if check_every_n_steps < 1 or min_steps < 0:
-            raise ValueError(
-                f"check_every_n_steps must be >= 1 and min_steps >= 0, got {check_every_n_steps}, {min_steps}"
-            )
-        self.factor = factor
-        self.check_every_n_steps = check_every_n_steps
-        self.min_steps = min_steps
-        self.max_stopped = max_stopped
+        owner = "ExpertDriftStopper"
+        self.factor = check_float("factor", factor, low=1.0, low_open=True, owner=owner)
+        self.check_every_n_steps = check_int("check_every_n_steps", check_every_n_steps, minimum=1, owner=owner)
+        self.min_steps = check_int("min_steps", min_steps, minimum=0, owner=owner)
+        self.max_stopped = check_int("max_stopped", max_stopped, minimum=1, optional=True, owner=owner)
         self.stopped: dict[int, int] = {}
         self._last_step = -1
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -23,8 +24,18 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
 from typing_extensions import override
 
+from merging._validation import (
+    check_bool,
+    check_activation_map,
+    check_callable,
+    check_choice,
+    check_int,
+    check_str,
+    check_str_list,
+    listed,
+)
 from merging.io import load_state_dict, write_atomic
-from merging.mloss import MLoss, MLossMeter, MLossReport, as_forward_args, check_state_keys, node_group_map
+from merging.mloss import OUTPUT, MLoss, MLossMeter, MLossReport, as_forward_args, check_state_keys, node_group_map
 from merging.modules.protocols import HasExperts
 from merging.state import StateDict
 
@@ -55,16 +66,28 @@ class MLossMonitor(Callback):
     shard, detached copies, before the step trains on them; a first epoch with fewer
     batches closes the cache), passed through ``input_fn`` (default: the batch itself if it
     is a Tensor, else its first element; ``pl_module.batch_inputs`` for multi-expert
-    modules). After a resume the cache is refilled from the first batches trained on.
+    modules). The cached batches are part of the checkpoint (every rank's, gathered once when
+    the cache closes: ``num_batches`` × world size batches, on the CPU), so a resumed fit
+    measures on the same inputs as an uninterrupted one. A checkpoint taken before the cache
+    closed, or a resume on another number of processes, refills it from the first batches
+    after the resume (with a warning).
 
     Every ``every_n_train_steps`` optimizer steps (or ``every_n_epochs`` epochs) it logs
     ``<prefix>/layer/<name>``, ``<prefix>/normalized/<name>`` and ``<prefix>/mean``. The sums
     and counts are reduced across ranks by the :class:`~merging.mloss.MLoss` metric, so a
     DDP run logs the M-Loss of all ranks' inputs together (identical on every rank). A
     measurement runs in ``no_grad`` and eval mode, restores every module's train/eval flag
-    and the RNG states, and never changes the weights. At the end of the fit it measures
-    once more (if the last step was not measured) and rank zero writes the node map (layers
-    × node groups, as the paper's Fig. 3) as a PNG into ``trainer.log_dir``.
+    and the RNG states, and never changes the weights.
+
+    The fit's last step is always measured and logged: if the schedule did not measure it, the
+    last epoch's end does (logged with ``on_epoch=True``), when the fit ends there by
+    ``max_epochs``, ``max_steps`` or ``trainer.should_stop``; a fit stopped in another way
+    (``should_stop`` set by a callback running after this one at that epoch end) is measured
+    in ``on_train_end``, where Lightning allows no logging, into :attr:`history` and
+    :attr:`last_report` only. This end-of-fit measurement is off the schedule, so a checkpoint
+    leaves it out: a fit resumed from that checkpoint did not end there, and its history equals
+    an uninterrupted fit's. At the end of the fit rank zero writes the node map (layers × node
+    groups, as the paper's Fig. 3) as a PNG into ``trainer.log_dir``.
 
     Sharded strategies (FSDP, DeepSpeed) are not supported: the callback reads full state dicts.
 
@@ -82,8 +105,9 @@ class MLossMonitor(Callback):
         peer_prefix: key prefix to keep and strip when loading peers.
         reference: the model whose layer inputs are hooked: ``"pretrained"`` (θ₀),
             ``"average"``, ``"incremental"`` (see :func:`merging.mloss.m_loss`).
-        layers: layer names to measure, or ``{name: activation σ}`` where σ is functional
-            (``F.relu`` in ``forward``); None: every Linear/Conv feeding an activation module.
+        layers: layer names to measure (checked against the model when the fit starts), or
+            ``{name: activation σ}`` where σ is functional (``F.relu`` in ``forward``); None:
+            every Linear/Conv feeding an activation module.
         output: also measure the model output (logged as ``<prefix>/layer/output``).
         node_groups: columns of the node map.
         heatmap_filename: file name of the node map PNG; None: do not write it.
@@ -93,6 +117,11 @@ class MLossMonitor(Callback):
             and outputs at later measurements (:class:`merging.mloss.MLossMeter`'s
             ``cache_forwards``; the values are the same). Costs a copy of the measured
             layers' inputs for ``num_batches`` batches.
+
+    Raises:
+        TypeError: a setting has the wrong type (a float or bool for an int, a string for a list).
+        ValueError: a setting is out of range; at fit start, ``layers`` names no measurable
+            module of the model (the message lists the measurable ones).
 
     Example::
 
@@ -117,44 +146,47 @@ class MLossMonitor(Callback):
         log_prefix: str = "mloss",
         cache_forwards: bool = True,
     ) -> None:
+        owner = "MLossMonitor"
+        every_n_train_steps = check_int(
+            "every_n_train_steps", every_n_train_steps, minimum=1, optional=True, owner=owner
+        )
+        every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=1, optional=True, owner=owner)
         if every_n_train_steps is not None and every_n_epochs is not None:
             raise ValueError("MLossMonitor: give every_n_train_steps or every_n_epochs, not both")
         if every_n_train_steps is None and every_n_epochs is None:
             every_n_train_steps = DEFAULT_EVERY_N_TRAIN_STEPS
-        for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
-            if value is not None and value < 1:
-                raise ValueError(f"MLossMonitor: {name} must be >= 1, got {value}")
-        if num_batches < 1:
-            raise ValueError(f"MLossMonitor: num_batches must be >= 1, got {num_batches}")
-        if reference not in ("pretrained", "incremental", "average"):
-            raise ValueError(
-                f"MLossMonitor: reference must be 'pretrained', 'incremental' or 'average', got {reference!r}"
-            )
-        if node_groups < 1:
-            raise ValueError(f"MLossMonitor: node_groups must be >= 1, got {node_groups}")
-        if isinstance(peers, str):
+        if isinstance(peers, (str, os.PathLike)):
             peers = [peers]
+        if peers is not None and not isinstance(peers, Sequence):
+            raise TypeError(f"MLossMonitor: peers must be a list of checkpoint paths or None, got {peers!r}")
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
-        self.num_batches = num_batches
-        self.input_fn = input_fn
-        self.peers = list(peers) if peers else []
-        self.peer_prefix = peer_prefix
-        self.reference = reference
-        self.layers = dict(layers) if isinstance(layers, Mapping) else (list(layers) if layers is not None else None)
-        self.output = output
-        self.node_groups = node_groups
-        self.heatmap_filename = heatmap_filename
-        self.log_prefix = log_prefix
-        self.cache_forwards = cache_forwards
+        self.num_batches = check_int("num_batches", num_batches, minimum=1, owner=owner)
+        self.input_fn = check_callable("input_fn", input_fn, owner=owner)
+        self.peers = [check_str("peers", path, path=True, owner=owner) for path in peers or []]
+        self.peer_prefix = check_str("peer_prefix", peer_prefix, optional=True, nonempty=False, owner=owner)
+        self.reference = check_choice("reference", reference, ("pretrained", "incremental", "average"), owner=owner)
+        self.layers = (
+            check_activation_map("layers", layers, owner=owner)
+            if isinstance(layers, Mapping)
+            else check_str_list("layers", layers, optional=True, owner=owner)
+        )
+        self.output = check_bool("output", output, owner=owner)
+        self.node_groups = check_int("node_groups", node_groups, minimum=1, owner=owner)
+        self.heatmap_filename = check_str("heatmap_filename", heatmap_filename, optional=True, owner=owner)
+        self.log_prefix = check_str("log_prefix", log_prefix, owner=owner)
+        self.cache_forwards = check_bool("cache_forwards", cache_forwards, owner=owner)
 
         self._snapshot: StateDict | None = None
         self._peer_states: list[StateDict] = []
         self._inputs: list[tuple] = []
         self._cache_closed = False
+        self._saved_inputs: list[list[tuple]] | None = None
+        self._restored: dict[str, Any] | None = None
         self._meter: MLossMeter | None = None
         self._metric: MLoss | None = None
         self._history: list[dict[str, float]] = []
+        self._scheduled: list[bool] = []
         self._last_report: MLossReport | None = None
         self._last_measured_step = -1
         self._last_measured_epoch = -1
@@ -201,7 +233,7 @@ class MLossMonitor(Callback):
         """Called when fit, validate, test, predict, or tune begins.
 
         At fit: loads the peer checkpoints and clears what a previous fit left (a resumed
-        fit then restores the snapshot and history from its checkpoint).
+        fit then restores the snapshot, the history and the input cache from its checkpoint).
 
         Args:
             trainer: the current :class:`~lightning.pytorch.trainer.trainer.Trainer` instance.
@@ -217,19 +249,40 @@ class MLossMonitor(Callback):
         self._snapshot = None
         self._inputs = []
         self._cache_closed = False
+        self._saved_inputs = None
+        self._restored = None
         self._meter = None
         self._metric = None
         self._history = []
+        self._scheduled = []
         self._last_report = None
         self._last_measured_step = -1
         self._last_measured_epoch = -1
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Called when fit begins (after ``configure_model``, before any step): checks that
+        ``layers`` names measurable modules of the model.
+
+        Args:
+            trainer: the current :class:`~lightning.pytorch.trainer.trainer.Trainer` instance.
+            pl_module: the current :class:`~lightning.pytorch.core.LightningModule` instance.
+
+        Raises:
+            ValueError: a name in ``layers`` is no ``nn.Linear``/``nn.Conv`` module of the
+                measured model; the message lists those it has.
+        """
+        if self.layers is not None:
+            model = pl_module.skeleton if isinstance(pl_module, HasExperts) else pl_module
+            _check_layers(model, self.layers)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Called when the train begins.
 
         Takes the start-of-fit snapshot of a single-model module (unless one was restored
-        from a checkpoint) and moves the snapshot and peers to the module's device.
+        from a checkpoint), moves the snapshot and peers to the module's device, and puts back
+        this rank's input cache restored from a checkpoint.
 
         Args:
             trainer: the current :class:`~lightning.pytorch.trainer.trainer.Trainer` instance.
@@ -243,6 +296,26 @@ class MLossMonitor(Callback):
                 check_state_keys(pl_module, self._snapshot, "MLossMonitor snapshot restored from the checkpoint")
                 self._snapshot = {k: v.to(device) for k, v in self._snapshot.items()}
         self._peer_states = [{k: v.to(device) for k, v in state.items()} for state in self._peer_states]
+        restored, self._restored = self._restored, None
+        if restored is None:
+            return
+        saved = restored.get("inputs")
+        if saved is not None and len(saved) == trainer.world_size:
+            self._inputs = [_to_device(args, device) for args in saved[trainer.global_rank]]
+            self._cache_closed = True
+            self._saved_inputs = saved
+            return
+        if saved is None:
+            why = "the checkpoint holds no input cache (it was taken before the cache was full)"
+        else:
+            why = (
+                f"the checkpoint's input cache was taken by {len(saved)} processes and this fit runs "
+                f"{trainer.world_size}"
+            )
+        rank_zero_warn(
+            f"MLossMonitor: {why}; the cache is refilled from the first batches after the resume, so the "
+            "measurements differ from an uninterrupted fit's"
+        )
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -257,7 +330,8 @@ class MLossMonitor(Callback):
         if self._cache_closed:
             return
         self._inputs.append(self._select_inputs(pl_module, batch))
-        self._cache_closed = len(self._inputs) >= self.num_batches
+        if len(self._inputs) >= self.num_batches:
+            self._close_cache(trainer)
         if self._meter is None:
             self._build_meter(pl_module)
 
@@ -276,24 +350,29 @@ class MLossMonitor(Callback):
         """
         step = trainer.global_step
         if step > self._last_measured_step and step > 0 and self.should_measure(step_idx=step - 1):
-            report = self._measure(trainer, pl_module)
+            report = self._measure(trainer, pl_module, scheduled=True)
             self._log(pl_module, report, on_epoch=False)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Called when a training epoch ends: closes the input cache; measures and logs if
-        :meth:`should_measure` says so.
+        :meth:`should_measure` says so, or if the fit ends with this epoch and its last step
+        was not measured.
 
         Args:
             trainer: the current :class:`~lightning.pytorch.trainer.trainer.Trainer` instance.
             pl_module: the current :class:`~lightning.pytorch.core.LightningModule` instance.
         """
-        self._cache_closed = True
+        if not self._cache_closed:
+            self._close_cache(trainer)
+        if not self._inputs:
+            return
         epoch = trainer.current_epoch
-        if epoch > self._last_measured_epoch and self._inputs and self.should_measure(epoch_idx=epoch):
+        if epoch > self._last_measured_epoch and self.should_measure(epoch_idx=epoch):
             self._last_measured_epoch = epoch
-            report = self._measure(trainer, pl_module)
-            self._log(pl_module, report, on_epoch=True)
+            self._log(pl_module, self._measure(trainer, pl_module, scheduled=True), on_epoch=True)
+        elif self._last_measured_step != trainer.global_step and _fit_ends_after_this_epoch(trainer):
+            self._log(pl_module, self._measure(trainer, pl_module, scheduled=False), on_epoch=True)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -308,7 +387,7 @@ class MLossMonitor(Callback):
             rank_zero_warn("MLossMonitor: no training batch was seen, so nothing was measured")
             return
         if self._last_measured_step != trainer.global_step or self._last_report is None:
-            self._measure(trainer, pl_module)
+            self._measure(trainer, pl_module, scheduled=False)
         if self.heatmap_filename is None:
             return
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank asks
@@ -325,31 +404,37 @@ class MLossMonitor(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         """Called when saving a checkpoint: the start-of-fit snapshot (on the CPU), the
-        history and the schedule's position. The input cache is not saved (each rank holds
-        its own shard); a resumed fit refills it.
+        scheduled measurements' history, the schedule's position and every rank's cached
+        inputs (on the CPU; None before the cache closed). An end-of-fit measurement off the
+        schedule is left out: a fit resumed from this checkpoint does not end here.
 
         Returns:
             The callback state.
         """
         snapshot = None if self._snapshot is None else {k: v.detach().cpu() for k, v in self._snapshot.items()}
+        scheduled = [entry for entry, on_schedule in zip(self._history, self._scheduled) if on_schedule]
         return {
             "snapshot": snapshot,
-            "history": list(self._history),
-            "last_measured_step": self._last_measured_step,
+            "history": scheduled,
+            "last_measured_step": int(scheduled[-1]["step"]) if scheduled else -1,
             "last_measured_epoch": self._last_measured_epoch,
+            "inputs": self._saved_inputs,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Called when loading a checkpoint: restores what :meth:`state_dict` saved.
+        """Called when loading a checkpoint: restores what :meth:`state_dict` saved (the input
+        cache is put back in ``on_train_start``, where the rank is known).
 
         Args:
             state_dict: the callback state.
         """
         self._snapshot = state_dict["snapshot"]
         self._history = list(state_dict["history"])
+        self._scheduled = [True] * len(self._history)
         self._last_measured_step = state_dict["last_measured_step"]
         self._last_measured_epoch = state_dict["last_measured_epoch"]
+        self._restored = state_dict
 
     # ------------------------------------------------------------------------ internals
 
@@ -382,6 +467,20 @@ class MLossMonitor(Callback):
         current = pl_module.state_dict()
         experts = [current, *self._peer_states] if self._peer_states else [self._snapshot, current]
         return pl_module, experts, self._snapshot
+
+    def _close_cache(self, trainer: Trainer) -> None:
+        """Stop caching, and gather every rank's cached inputs (CPU copies) for the checkpoint:
+        a collective, reached by every rank at the same batch."""
+        self._cache_closed = True
+        local = [tuple(a.detach().cpu() if isinstance(a, Tensor) else a for a in args) for args in self._inputs]
+        if trainer.world_size == 1:
+            self._saved_inputs = [local]
+        elif dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, local)
+            self._saved_inputs = gathered
+        else:
+            self._saved_inputs = None
 
     def _build_meter(self, pl_module: LightningModule) -> None:
         """Trace the measured layers on the first cached batch (before the first step trains on
@@ -438,12 +537,13 @@ class MLossMonitor(Callback):
                 "{name: activation} when the activation is functional)."
             )
 
-    def _measure(self, trainer: Trainer, pl_module: LightningModule) -> MLossReport:
-        """M-Loss on the cached inputs, reduced over ranks (every rank must call it)."""
+    def _measure(self, trainer: Trainer, pl_module: LightningModule, *, scheduled: bool) -> MLossReport:
+        """M-Loss on the cached inputs, reduced over ranks (every rank must call it).
+        ``scheduled``: a measurement of the schedule (kept in checkpoints), not an end-of-fit one."""
         model, experts, base = self._models(pl_module)
         with torch.no_grad(), _preserve_rng(pl_module.device):
-            if self._meter is None:  # no batch was cached since setup (cannot happen in a fit)
-                raise RuntimeError("MLossMonitor: no training batch was cached before the measurement")
+            if self._meter is None:  # inputs restored from a checkpoint, no batch seen since
+                self._build_meter(pl_module)
             self._meter.set_experts(experts, base, check_values=False)
             if self._metric is None:
                 self._metric = MLoss(self._meter.node_sizes).to(pl_module.device)
@@ -456,6 +556,7 @@ class MLossMonitor(Callback):
         entry = {"step": float(trainer.global_step), "epoch": float(trainer.current_epoch)}
         entry.update(report.scalars(self.log_prefix))
         self._history.append(entry)
+        self._scheduled.append(scheduled)
         return report
 
     def _log(self, pl_module: LightningModule, report: MLossReport, *, on_epoch: bool) -> None:
@@ -463,6 +564,37 @@ class MLossMonitor(Callback):
         # epoch level only averages identical values (and keeps Lightning from warning).
         for key, value in report.scalars(self.log_prefix).items():
             pl_module.log(key, value, on_step=not on_epoch, on_epoch=on_epoch, sync_dist=on_epoch, batch_size=1)
+
+
+def _check_layers(model: nn.Module, layers: Sequence[str]) -> None:
+    """Every name in ``layers`` is an ``nn.Linear``/``nn.Conv`` module of ``model``."""
+    measurable = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    bad = [name for name in layers if name not in measurable]
+    if bad:
+        reserved = f" ({OUTPUT!r} is the model output, measured with output=True)" if OUTPUT in bad else ""
+        raise ValueError(
+            f"MLossMonitor: layers {bad} name no nn.Linear/nn.Conv module of {type(model).__name__}{reserved}; "
+            f"its measurable layers are {listed(measurable) or 'none'}"
+        )
+
+
+def _fit_ends_after_this_epoch(trainer: Trainer) -> bool:
+    """Whether Lightning's fit loop stops after the epoch whose ``on_train_epoch_end`` runs
+    now: ``max_steps`` or ``max_epochs`` reached, or ``should_stop`` set with ``min_epochs``
+    and ``min_steps`` met (the fit loop's own conditions)."""
+    epochs, steps = trainer.current_epoch + 1, trainer.global_step
+    if trainer.max_steps is not None and 0 <= trainer.max_steps <= steps:
+        return True
+    if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= epochs:
+        return True
+    if not trainer.should_stop:
+        return False
+    met_min_epochs = not trainer.min_epochs or epochs >= trainer.min_epochs
+    return met_min_epochs and (not trainer.min_steps or steps >= trainer.min_steps)
+
+
+def _to_device(args: tuple, device: torch.device) -> tuple:
+    return tuple(a.to(device) if isinstance(a, Tensor) else a for a in args)
 
 
 @contextmanager

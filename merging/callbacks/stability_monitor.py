@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
+from merging._validation import (
+    check_bool,
+    check_callable,
+    check_float,
+    check_int,
+    check_str,
+    check_str_list,
+    check_weights,
+)
 from merging.io import write_atomic, write_text_atomic
 from merging.modules.protocols import HasExperts
 from merging.stability import (
@@ -99,21 +109,29 @@ class StabilityMonitor(Callback):
         layer_depth: how state-dict keys are grouped into layers: None, the owning module;
             d, the first d dot-separated components (see :func:`merging.stability.layer_name`).
         log_layers: log the per-layer values (one key per layer and expert).
-        weights: merge weights w_j of the experts for D (normalised; None: uniform).
+        weights: merge weights w_j of the experts for D, one per expert, >= 0 with a positive
+            sum (normalised; None: uniform).
         sparsifiers: which sparsified versions to measure: ``"ties"`` (magnitude trim at
             ``density``, global scope) and/or ``"dare"`` (drop at ``drop_rate``, rescale).
-        density: TIES trim density.
+        density: TIES trim density, in [0, 1].
         drop_rate: DARE drop probability p.
         seed: DARE mask seed.
         track_updates: measure the per-step update norm and the path length.
         batch_size_fn: ``batch -> b`` (one int for all models, or one per expert) when
             Lightning's ``extract_batch_size`` does not fit (e.g. experts trained on
-            different parts of a mixed batch).
+            different parts of a mixed batch). Its result is checked on the first training
+            batch, before that batch's training step.
         drift_factor: the report flags an expert whose ‖τ‖ exceeds this multiple of its peers'
             median.
         top_layers: how many layers the report lists.
         report: write the end-of-fit report.
         report_name: file stem of the report.
+
+    Raises:
+        TypeError: a setting has the wrong type (a float or bool for an int, a string for a list).
+        ValueError: a setting is out of range; at fit start, ``weights`` does not have one
+            entry per tracked model; on the first batch, ``batch_size_fn`` does not return one
+            count or one per model.
 
     Attributes:
         trajectories: one :class:`~merging.stability.TrajectoryStats` per tracked model.
@@ -140,31 +158,27 @@ class StabilityMonitor(Callback):
         report: bool = True,
         report_name: str = "stability_report",
     ) -> None:
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
+        owner = "StabilityMonitor"
+        sparsifiers = check_str_list("sparsifiers", sparsifiers, nonempty=False, owner=owner)
         unknown = [s for s in sparsifiers if s not in ("ties", "dare")]
-        if unknown:
-            raise ValueError(f"unknown sparsifiers {unknown}: use 'ties' and/or 'dare'")
-        if not 0.0 <= density <= 1.0:
-            raise ValueError(f"density must be in [0, 1], got {density}")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
-        if drift_factor <= 1.0:
-            raise ValueError(f"drift_factor must exceed 1, got {drift_factor}")
-        self.every_n_steps = every_n_steps
-        self.layer_depth = layer_depth
-        self.log_layers = log_layers
-        self.weights = list(weights) if weights is not None else None
+        if unknown or len(set(sparsifiers)) != len(sparsifiers):
+            raise ValueError(
+                f"StabilityMonitor: sparsifiers must list 'ties' and/or 'dare' (each once), got {sparsifiers}"
+            )
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1, optional=True, owner=owner)
+        self.layer_depth = check_int("layer_depth", layer_depth, minimum=1, optional=True, owner=owner)
+        self.log_layers = check_bool("log_layers", log_layers, owner=owner)
+        self.weights = check_weights("weights", weights, owner=owner)
         self.sparsifiers = tuple(sparsifiers)
-        self.density = density
-        self.drop_rate = drop_rate
-        self.seed = seed
-        self.track_updates = track_updates
-        self.batch_size_fn = batch_size_fn
-        self.drift_factor = drift_factor
-        self.top_layers = top_layers
-        self.report = report
-        self.report_name = report_name
+        self.density = check_float("density", density, low=0.0, high=1.0, owner=owner)
+        self.drop_rate = check_float("drop_rate", drop_rate, low=0.0, high=1.0, high_open=True, owner=owner)
+        self.seed = check_int("seed", seed, minimum=0, owner=owner)
+        self.track_updates = check_bool("track_updates", track_updates, owner=owner)
+        self.batch_size_fn = check_callable("batch_size_fn", batch_size_fn, owner=owner)
+        self.drift_factor = check_float("drift_factor", drift_factor, low=1.0, low_open=True, owner=owner)
+        self.top_layers = check_int("top_layers", top_layers, minimum=1, owner=owner)
+        self.report = check_bool("report", report, owner=owner)
+        self.report_name = check_str("report_name", report_name, owner=owner)
 
         self.trajectories: list[TrajectoryStats] = []
         self.history: list[dict[str, Any]] = []
@@ -244,8 +258,9 @@ class StabilityMonitor(Callback):
             pl_module: the current :class:`~lightning.pytorch.core.LightningModule` instance.
         """
         models = self.models(pl_module)
-        if self.multi_expert and self.weights is not None and len(self.weights) != len(models):
-            raise ValueError(f"StabilityMonitor: {len(self.weights)} weights given for {len(models)} experts")
+        if self.weights is not None and len(self.weights) != len(models):
+            what = f"{len(models)} experts" if self.multi_expert else "a single model (give weights=None)"
+            raise ValueError(f"StabilityMonitor: {len(self.weights)} weights given for {what}")
         loaded, self._loaded = self._loaded, None
         if not self.multi_expert:
             if loaded is not None and loaded.get("reference") is not None:
@@ -468,12 +483,23 @@ class StabilityMonitor(Callback):
 
     def _batch_sizes(self, batch: Any) -> list[int]:
         k = len(self.trajectories)
-        size = self.batch_size_fn(batch) if self.batch_size_fn is not None else extract_batch_size(batch)
-        if isinstance(size, int):
-            return [size] * k
-        sizes = [int(s) for s in size]
-        if len(sizes) != k:
-            raise ValueError(f"StabilityMonitor batch_size_fn returned {len(sizes)} sizes for {k} models")
+        if self.batch_size_fn is None:
+            return [extract_batch_size(batch)] * k
+        size = self.batch_size_fn(batch)
+        if isinstance(size, Tensor) and size.numel() == 1:
+            size = size.item()
+        if isinstance(size, Integral) and not isinstance(size, bool):
+            sizes = [int(size)] * k
+        elif isinstance(size, Sequence) and not isinstance(size, str) and len(size) == k:
+            sizes = [int(s) if isinstance(s, Integral) and not isinstance(s, bool) else -1 for s in size]
+        else:
+            models = f"{k} experts" if self.multi_expert else "1 model"
+            raise ValueError(
+                f"StabilityMonitor: batch_size_fn must return one int, or one int per tracked model ({models}), "
+                f"got {size!r}"
+            )
+        if min(sizes) < 0:
+            raise ValueError(f"StabilityMonitor: batch_size_fn must return sample counts (ints >= 0), got {size!r}")
         return sizes
 
     def _add_loss(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any) -> None:

@@ -7,6 +7,7 @@
 - :class:`FashionMNISTTasks`: class groups of Fashion-MNIST from local IDX files (Debian's
   ``dataset-fashion-mnist`` package works as is).
 - :class:`VisionTasks`: one task per torchvision dataset under a local root, no download by default.
+- :class:`SeededRandomSampler`: the training shuffle, an order per epoch that a resumed fit continues.
 
 This package depends on no model code.
 """
@@ -15,6 +16,7 @@ from merging.datamodules.class_groups import ClassGroupTasks
 from merging.datamodules.digits import DigitsTasks
 from merging.datamodules.fashion_mnist import FashionMNISTTasks
 from merging.datamodules.multitask import LabelledTensorDataset, MultiTaskDataModule, Task
+from merging.datamodules.sampling import SeededRandomSampler
 from merging.datamodules.vision import VISION_DATASETS, VisionTasks
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "FashionMNISTTasks",
     "LabelledTensorDataset",
     "MultiTaskDataModule",
+    "SeededRandomSampler",
     "Task",
     "VisionTasks",
 ]

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from merging._validation import check_int_list
 from merging.datamodules.multitask import LabelledTensorDataset, MultiTaskDataModule, Task
 
 DEFAULT_GROUPS: tuple[tuple[int, ...], ...] = ((0, 1, 2), (3, 4, 5), (6, 7), (8, 9))
@@ -28,9 +29,12 @@ def check_groups(groups: Sequence[Sequence[int]], num_classes: int, owner: str) 
         The groups as lists of ints.
 
     Raises:
+        TypeError: ``groups`` or a group is a string or not a list, or a label is not an int.
         ValueError: no groups, an empty group, a label out of range, or a label twice in a group.
     """
-    checked = [[int(c) for c in group] for group in groups]
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
+        raise TypeError(f"{owner}: groups must be a list of lists of class labels, got {groups!r}")
+    checked = [check_int_list("groups", group, nonempty=False, owner=owner) for group in groups]
     if not checked:
         raise ValueError(f"{owner}: groups must name at least one class group")
     for group in checked:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from merging._validation import check_int, check_str
 from merging.datamodules import idx
 from merging.datamodules.class_groups import ClassGroupTasks, DEFAULT_GROUPS, class_group_tasks, subsample_per_class
 from merging.datamodules.multitask import Task
@@ -121,10 +122,9 @@ class FashionMNISTTasks(ClassGroupTasks):
             pin_memory=pin_memory,
             drop_last=drop_last,
         )
-        if max_per_class is not None and max_per_class < 1:
-            raise ValueError(f"max_per_class must be >= 1 or None, got {max_per_class}")
+        max_per_class = check_int("max_per_class", max_per_class, minimum=1, optional=True, owner="FashionMNISTTasks")
         self.set_groups(groups)
-        self.root = root
+        self.root = check_str("root", root, optional=True, path=True, owner="FashionMNISTTasks")
         self.max_per_class = max_per_class
 
     def prepare_data(self) -> None:

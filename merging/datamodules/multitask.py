@@ -33,6 +33,9 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from merging._validation import check_bool, check_float, check_int
+from merging.datamodules.sampling import SeededRandomSampler
+
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -198,7 +201,12 @@ class MultiTaskDataModule(LightningDataModule):
     train/val by ``val_fraction`` and tested on its test split; any other task is split into
     train/val/test by ``val_fraction``/``test_fraction``. One ``torch.Generator`` seeded with
     ``seed`` draws the splits of the tasks in order, so they are identical on every run and
-    every DDP rank. The train loaders shuffle with generators seeded from ``seed`` too.
+    every DDP rank. The train loaders shuffle with a
+    :class:`~merging.datamodules.sampling.SeededRandomSampler` each, seeded from ``seed`` and the
+    task index: the order of epoch ``e`` is a function of (seed, task, e), and Lightning sets
+    ``e`` at every epoch, so a fit resumed from a checkpoint sees the same batches as an
+    uninterrupted one (under DDP, Lightning's ``DistributedSampler`` takes over the shuffling, with
+    the same property).
 
     Args:
         tasks: the tasks; ``None`` when a subclass builds them in :meth:`build_tasks`.
@@ -208,11 +216,12 @@ class MultiTaskDataModule(LightningDataModule):
         batch_size: batch size B of every per-task training loader.
         eval_batch_size: batch size of validation/test loaders (default: ``batch_size``).
         num_workers: DataLoader worker processes per loader.
-        seed: seed of the splits and of the training shuffles.
+        seed: seed of the splits and of the training shuffles, an int >= 0.
         pin_memory: pin host memory in every loader (for GPU training).
         drop_last: drop each training loader's last incomplete batch.
 
     Raises:
+        TypeError: a setting has the wrong type (a float or a bool where an int is expected).
         ValueError: a fraction is out of range, a size is not positive, or task names repeat.
     """
 
@@ -229,17 +238,22 @@ class MultiTaskDataModule(LightningDataModule):
         drop_last: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        owner = type(self).__name__
+        val_fraction = check_float(
+            "val_fraction", val_fraction, low=0.0, high=1.0, low_open=True, high_open=True, owner=owner
+        )
+        test_fraction = check_float("test_fraction", test_fraction, low=0.0, high=1.0, high_open=True, owner=owner)
+        if val_fraction + test_fraction >= 1.0:
             raise ValueError(
-                f"test_fraction must be in [0, 1) with val_fraction + test_fraction < 1, "
+                f"{owner}: test_fraction must be in [0, 1) with val_fraction + test_fraction < 1, "
                 f"got val_fraction={val_fraction}, test_fraction={test_fraction}"
             )
-        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ValueError(f"batch sizes must be >= 1, got {batch_size=}, {eval_batch_size=}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        batch_size = check_int("batch_size", batch_size, minimum=1, owner=owner)
+        eval_batch_size = check_int("eval_batch_size", eval_batch_size, minimum=1, optional=True, owner=owner)
+        num_workers = check_int("num_workers", num_workers, minimum=0, owner=owner)
+        seed = check_int("seed", seed, minimum=0, owner=owner)
+        pin_memory = check_bool("pin_memory", pin_memory, owner=owner)
+        drop_last = check_bool("drop_last", drop_last, owner=owner)
         if tasks is not None:
             tasks = list(tasks)
             _check_task_list(tasks)
@@ -399,26 +413,25 @@ class MultiTaskDataModule(LightningDataModule):
         Args:
             task: task index or name.
             split: ``"train"``, ``"val"`` or ``"test"``.
-            shuffle: default ``True`` for train (seeded from ``seed`` and the task index),
-                ``False`` otherwise.
+            shuffle: default ``True`` for train, ``False`` otherwise. A shuffled loader draws
+                its order with a :class:`~merging.datamodules.sampling.SeededRandomSampler`
+                seeded from ``seed`` and the task index: epoch ``e``'s order depends on
+                (seed, task, e) only, so a resumed fit continues the uninterrupted one's orders.
             batch_size: default ``batch_size`` for train, ``eval_batch_size`` otherwise.
         """
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_int("batch_size", batch_size, minimum=1, optional=True, owner="task_dataloader")
         index = self.task_index(task)
         dataset = self.dataset(index, split)
         train = split == "train"
-        shuffle = train if shuffle is None else shuffle
-        generator = torch.Generator().manual_seed(self.seed + 1 + index) if shuffle else None
+        shuffle = train if shuffle is None else check_bool("shuffle", shuffle, owner="task_dataloader")
         return DataLoader(
             dataset,
             batch_size=batch_size or (self.batch_size if train else self.eval_batch_size),
-            shuffle=shuffle,
+            sampler=SeededRandomSampler(dataset, seed=self.seed + 1 + index) if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             drop_last=self.drop_last and train,
             persistent_workers=self.num_workers > 0,
-            generator=generator,
         )
 
     def train_dataloader(self) -> CombinedLoader:

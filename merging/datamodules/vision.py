@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from merging._validation import check_int
 from merging.datamodules import idx
 from merging.datamodules.fashion_mnist import fashion_mnist_dirs
 from merging.datamodules.multitask import MultiTaskDataModule, Task
@@ -294,10 +295,9 @@ class VisionTasks(MultiTaskDataModule):
         names = [spec.name for spec in self.specs]
         if len(set(names)) != len(names):
             raise ValueError(f"datasets repeat a dataset: {list(datasets)}")
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
-        if image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        if isinstance(channels, bool) or channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        image_size = check_int("image_size", image_size, minimum=1, owner="VisionTasks")
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std, or neither")
         for label, values in (("mean", mean), ("std", std)):

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from merging._validation import check_choice, check_float, check_int, check_weights
 from merging.methods import _kernels
 from merging.methods.base import MergeMethod, register_method
 from merging.state import accumulation_dtype, is_mergeable
@@ -407,9 +408,7 @@ class WeightAveraging(MergeMethod):
     paper = "https://arxiv.org/abs/2203.05482"
 
     def __init__(self, weights: list[float] | None = None) -> None:
-        if weights is not None and (len(weights) == 0 or sum(weights) <= 0 or min(weights) < 0):
-            raise ValueError(f"average: weights must be non-negative with a positive sum, got {weights}")
-        self.weights = weights
+        self.weights = check_weights("weights", weights, owner="average")
 
     def chunk_size(self) -> int:
         return DEFAULT_CHUNK
@@ -442,7 +441,7 @@ class TaskArithmetic(MergeMethod):
     requires_base = True
 
     def __init__(self, scaling: float = 0.3) -> None:
-        self.scaling = scaling
+        self.scaling = check_float("scaling", scaling, owner="task_arithmetic")
 
     def chunk_size(self) -> int:
         return DEFAULT_CHUNK
@@ -458,7 +457,8 @@ class TiesMerging(MergeMethod):
     """TIES-Merging: θ = θ₀ + λ · disjoint_mean(elect(trim(τ))).
 
     Args:
-        density: fraction of each task vector's entries kept by the magnitude trim.
+        density: fraction of each task vector's entries kept by the magnitude trim, in [0, 1]
+            (0 keeps nothing: the merge is θ₀).
         scaling: λ.
         scope: ``"global"``: the trim threshold is over each whole task vector (the paper,
             FusionBench), found exactly without concatenating tensors
@@ -472,12 +472,10 @@ class TiesMerging(MergeMethod):
     requires_base = True
 
     def __init__(self, density: float = 0.2, scaling: float = 1.0, scope: Literal["global", "tensor"] = "global") -> None:
-        _check_fraction("ties", "density", density, closed=True)
-        if scope not in ("global", "tensor"):
-            raise ValueError(f"ties: scope must be 'global' or 'tensor', got {scope!r}")
-        self.density = density
-        self.scaling = scaling
-        self.scope = scope
+        owner = self.name
+        self.density = check_float("density", density, low=0.0, high=1.0, owner=owner)
+        self.scaling = check_float("scaling", scaling, owner=owner)
+        self.scope = check_choice("scope", scope, ("global", "tensor"), owner=owner)
 
     def sparsify(self, key: str, tau: Tensor) -> Tensor:
         """The step applied to τ before trimming (identity for TIES; DARE drops here)."""
@@ -533,14 +531,14 @@ class Dare(TiesMerging):
     then combine with task arithmetic or TIES.
 
     Args:
-        drop_rate: p.
-        seed: seed of the drop masks; each entry's mask depends only on (seed, key), so a
+        drop_rate: p, in [0, 1).
+        seed: seed of the drop masks (an int >= 0); each entry's mask depends only on (seed, key), so a
             merge is repeatable whatever the order in which entries are visited.
         combine: ``"task_arithmetic"``: θ₀ + λ Σ_j τ̃_j; ``"ties"``: TIES on τ̃ (trim at
             ``density``, elect, disjoint mean; the M-Loss authors' DARE baseline is
             ``density=1.0``, no trim).
         scaling: λ of the backend (None: 0.3 for task arithmetic, 1.0 for TIES).
-        density: TIES trim density (``combine="ties"`` only; 1.0 = no trim).
+        density: TIES trim density in [0, 1] (``combine="ties"`` only; 1.0 = no trim).
         scope: TIES trim scope (``combine="ties"`` only).
     """
 
@@ -556,9 +554,9 @@ class Dare(TiesMerging):
         density: float = 1.0,
         scope: Literal["global", "tensor"] = "global",
     ) -> None:
-        _check_fraction("dare", "drop_rate", drop_rate, closed=False)
-        if combine not in ("task_arithmetic", "ties"):
-            raise ValueError(f"dare: combine must be 'task_arithmetic' or 'ties', got {combine!r}")
+        drop_rate = check_float("drop_rate", drop_rate, low=0.0, high=1.0, high_open=True, owner="dare")
+        seed = check_int("seed", seed, minimum=0, owner="dare")
+        combine = check_choice("combine", combine, ("task_arithmetic", "ties"), owner="dare")
         if combine == "task_arithmetic" and density != 1.0:
             raise ValueError("dare: density applies to combine='ties' only")
         if scaling is None:
@@ -588,13 +586,6 @@ class Dare(TiesMerging):
         if self.combine == "task_arithmetic":
             return base + self.scaling * self.sparsify(key, experts.sub_(base)).sum(dim=0)
         return super().merge_tensor(key, experts, base, context)
-
-
-def _check_fraction(method: str, name: str, value: float, *, closed: bool) -> None:
-    upper_ok = value <= 1.0 if closed else value < 1.0
-    if not (0.0 <= value and upper_ok):
-        bound = "[0, 1]" if closed else "[0, 1)"
-        raise ValueError(f"{method}: {name} must be in {bound}, got {value}")
 
 
 __all__ = [

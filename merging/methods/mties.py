@@ -63,6 +63,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from merging._validation import check_choice, check_float, check_int, check_str_list
 from merging.methods.base import MergeMethod, register_method
 from merging.methods.classic import Dare, TiesMerging, ties_disjoint_merge
 from merging.mloss import SCALES, MLossMeter, row_keep_rates
@@ -276,28 +277,19 @@ class MTiesMerging(MergeMethod):
         seed: int = 0,
         scale: Literal["rank", "robust", "log"] = "rank",
     ) -> None:
-        if not 0.0 < density <= 1.0:
-            raise ValueError(f"mties: density must be in (0, 1], got {density}")
-        if spread < 0 or density - spread < 0:
+        density = check_float("density", density, low=0.0, high=1.0, low_open=True, owner="mties")
+        spread = check_float("spread", spread, low=0.0, owner="mties")
+        if spread > density:
             raise ValueError(f"mties: need 0 <= spread <= density, got spread={spread}, density={density}")
-        if isinstance(sampling_size, bool) or not isinstance(sampling_size, int) or sampling_size < 1:
-            raise ValueError(f"mties: sampling_size must be a positive int, got {sampling_size!r}")
-        if reference not in ("pretrained", "incremental", "average"):
-            raise ValueError(f"mties: reference must be 'pretrained', 'incremental' or 'average', got {reference!r}")
-        if backend not in ("ties", "dare"):
-            raise ValueError(f"mties: backend must be 'ties' or 'dare', got {backend!r}")
-        if scale not in SCALES:
-            raise ValueError(f"mties: scale must be one of {sorted(SCALES)}, got {scale!r}")
-        if isinstance(layers, str):
-            raise ValueError(f"mties: layers must be a list of layer names, got the string {layers!r}")
-        if not math.isfinite(scaling):
-            raise ValueError(f"mties: scaling must be finite, got {scaling}")
         self.density = density
         self.spread = spread
-        self.sampling_size = sampling_size
-        self.reference = reference
-        self.backend = backend
-        self.layers = list(layers) if layers is not None else None
+        self.sampling_size = check_int("sampling_size", sampling_size, minimum=1, owner="mties")
+        self.reference = check_choice("reference", reference, ("pretrained", "incremental", "average"), owner="mties")
+        self.backend = check_choice("backend", backend, ("ties", "dare"), owner="mties")
+        self.layers = check_str_list("layers", layers, optional=True, owner="mties")
+        scaling = check_float("scaling", scaling, owner="mties")
+        seed = check_int("seed", seed, minimum=0, owner="mties")
+        scale = check_choice("scale", scale, sorted(SCALES), owner="mties")
         self.scaling = scaling
         self.seed = seed
         self.scale = scale

@@ -21,6 +21,7 @@ from merging.alignment.apply import batchnorm_modules, check_model_keys, merge_e
 from merging.alignment.builders import build_spec
 from merging.alignment.matching import MatchConfig, MatchResult, match_models
 from merging.alignment.spec import PermSpec
+from merging._validation import check_bool, check_choice, check_float, check_int
 from merging.methods.base import MergeMethod, register_method
 from merging.state import StateDict
 
@@ -106,21 +107,24 @@ class MuDSC(MergeMethod):
         reset_bn: bool = True,
         spec: PermSpec | None = None,
     ) -> None:
-        self.mode = mode
-        self.alpha = alpha
-        self.use_activation = use_activation
-        self.use_weight = use_weight
-        self.max_iter = max_iter
-        self.tol = tol
-        self.seed = seed
-        self.max_batches = max_batches
-        self.tie_heads = tie_heads
-        self.zip_a = zip_a
-        self.zip_b = zip_b
-        self.zip_b_group = zip_b_group
-        self.reset_bn = reset_bn
+        owner = "mudsc"
+        self.mode = check_choice("mode", mode, ("align", "zip"), owner=owner)
+        self.alpha = check_float("alpha", alpha, low=0.0, high=1.0, owner=owner)
+        self.use_activation = check_bool("use_activation", use_activation, owner=owner)
+        self.use_weight = check_bool("use_weight", use_weight, owner=owner)
+        self.max_iter = check_int("max_iter", max_iter, minimum=1, owner=owner)
+        self.tol = check_int("tol", tol, minimum=1, owner=owner)
+        self.seed = check_int("seed", seed, minimum=0, owner=owner)
+        self.max_batches = check_int("max_batches", max_batches, minimum=1, optional=True, owner=owner)
+        self.tie_heads = check_bool("tie_heads", tie_heads, owner=owner)
+        self.zip_a = check_float("zip_a", zip_a, low=0.0, low_open=True, owner=owner)
+        self.zip_b = check_float("zip_b", zip_b, low=0.0, owner=owner)
+        self.zip_b_group = check_float("zip_b_group", zip_b_group, low=0.0, owner=owner)
+        self.reset_bn = check_bool("reset_bn", reset_bn, owner=owner)
+        if spec is not None and not isinstance(spec, PermSpec):
+            raise TypeError(f"mudsc: spec must be a PermSpec or None, got {spec!r}")
         self.spec = spec
-        self.config()  # validate the settings now, not at the first merge
+        self.config()  # the settings' combinations (e.g. no similarity at all) are checked now too
 
     def config(self) -> MatchConfig:
         """The matching settings (validated)."""

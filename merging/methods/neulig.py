@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from merging._validation import check_choice, check_float, check_int, check_str
 from merging.bundle import ExpertBundle
 from merging.io import load_state_dict
 from merging.methods.base import MergeMethod, register_method
@@ -71,17 +72,14 @@ class NeuLigMerging(MergeMethod):
         scaling: float = 100.0,
         seed: int = 0,
     ) -> None:
-        if which not in ("best", "last"):
-            raise ValueError(f"neulig: which must be 'best' or 'last', got {which!r}")
-        if epochs < 1 or lr <= 0 or scaling <= 0:
-            raise ValueError(f"neulig: epochs >= 1, lr > 0 and scaling > 0 required, got {epochs}, {lr}, {scaling}")
-        self.portland = portland
-        self.which = which
-        self.heads = heads
-        self.epochs = epochs
-        self.lr = lr
-        self.scaling = scaling
-        self.seed = seed
+        owner = "neulig"
+        self.portland = check_str("portland", portland, optional=True, path=True, owner=owner)
+        self.which = check_choice("which", which, ("best", "last"), owner=owner)
+        self.heads = check_str("heads", heads, optional=True, path=True, owner=owner)
+        self.epochs = check_int("epochs", epochs, minimum=1, owner=owner)
+        self.lr = check_float("lr", lr, low=0.0, low_open=True, owner=owner)
+        self.scaling = check_float("scaling", scaling, low=0.0, low_open=True, owner=owner)
+        self.seed = check_int("seed", seed, minimum=0, owner=owner)
 
     def prepare(self, experts, base, *, model=None, data=None) -> Tensor:
         return self.calibrate(experts, model, data)

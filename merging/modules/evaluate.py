@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torchmetrics.classification import MulticlassAccuracy
 
+from merging._validation import check_bool, check_float_list, check_int, check_int_list, check_str
 from merging.bundle import ExpertBundle
 from merging.io import save_state_dict
 from merging.methods.base import MergeMethod
@@ -56,8 +57,9 @@ class _BundleEvalModule(pl.LightningModule):
 
     def __init__(self, experts: str, report_ensemble: bool) -> None:
         super().__init__()
-        self.experts_dir = experts
-        self.report_ensemble = report_ensemble
+        owner = type(self).__name__
+        self.experts_dir = check_str("experts", experts, path=True, owner=owner)
+        self.report_ensemble = check_bool("report_ensemble", report_ensemble, owner=owner)
         self.bundle: ExpertBundle | None = None
         self.skeleton: nn.Module | None = None
         self.heads: nn.ModuleList | None = None
@@ -153,7 +155,7 @@ class EnsembleModule(_BundleEvalModule):
     def __init__(self, experts: str, members: list[int] | None = None) -> None:
         super().__init__(experts, report_ensemble=False)
         self.save_hyperparameters()
-        self.members = list(members) if members is not None else None
+        self.members = check_int_list("members", members, minimum=0, optional=True, owner="EnsembleModule")
 
     def prepare_states(self) -> None:
         k = len(self.bundle.experts)
@@ -190,6 +192,12 @@ class MergedModule(_BundleEvalModule):
             rank evaluates the whole validation split, so all ranks choose the same λ. The
             choice is logged as ``{stage}/selected_scaling``; the validation accuracy of
             every λ is in :attr:`scaling_search`. None: the method's own ``scaling``.
+
+    Raises:
+        TypeError: an argument has the wrong type (``method`` not a :class:`MergeMethod`, a
+            float or bool for an int, a string for a list).
+        ValueError: an argument is out of range, or ``scaling_grid`` is empty or given for a
+            method without ``scaling``.
     """
 
     def __init__(
@@ -204,10 +212,13 @@ class MergedModule(_BundleEvalModule):
     ) -> None:
         super().__init__(experts, report_ensemble=report_ensemble)
         self.save_hyperparameters(ignore=["method"])
+        if method is not None and not isinstance(method, MergeMethod):
+            raise TypeError(f"MergedModule: method must be a MergeMethod (e.g. TiesMerging()) or None, got {method!r}")
+        owner = "MergedModule"
         self.method = method if method is not None else TiesMerging()
-        self.unlabeled_samples = unlabeled_samples
-        self.seed = seed
-        self.save_path = save_path
+        self.unlabeled_samples = check_int("unlabeled_samples", unlabeled_samples, minimum=1, owner=owner)
+        self.seed = check_int("seed", seed, minimum=0, owner=owner)
+        self.save_path = check_str("save_path", save_path, optional=True, path=True, owner=owner)
         self.scaling_grid = self._check_grid(scaling_grid)
         self.merge_seconds: float | None = None
         #: ``{λ: mean validation accuracy}`` of the ``scaling_grid`` search (empty without one).
@@ -217,9 +228,9 @@ class MergedModule(_BundleEvalModule):
     def _check_grid(self, grid: Sequence[float] | None) -> list[float] | None:
         if grid is None:
             return None
-        grid = [float(g) for g in grid]
-        if not grid:
+        if isinstance(grid, Sequence) and not isinstance(grid, str) and not grid:
             raise ValueError("scaling_grid is empty: give at least one λ, or None for the method's own scaling")
+        grid = check_float_list("scaling_grid", grid, owner="MergedModule")
         if not hasattr(self.method, "scaling"):
             raise ValueError(
                 f"scaling_grid was given but {type(self.method).__name__} ({self.method.name}) has no "

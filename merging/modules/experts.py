@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from merging._validation import check_float, check_int, check_int_list, check_str, check_str_list
 from merging.bundle import ExpertBundle
 from merging.io import load_state_dict, save_state_dict
 from merging.models import build_backbone
@@ -41,13 +42,16 @@ class _TaskModule(pl.LightningModule):
         weight_decay: float,
     ) -> None:
         super().__init__()
-        self.backbone_name = backbone
+        owner = type(self).__name__
+        if backbone_kwargs is not None and not isinstance(backbone_kwargs, Mapping):
+            raise TypeError(f"{owner}: backbone_kwargs must be a dict or None, got {backbone_kwargs!r}")
+        self.backbone_name = check_str("backbone", backbone, owner=owner)
         self.backbone_kwargs = dict(backbone_kwargs or {})
-        self.in_chans = in_chans
-        self.task_names = list(task_names) if task_names is not None else None
-        self.num_classes = list(num_classes) if num_classes is not None else None
-        self.lr = lr
-        self.weight_decay = weight_decay
+        self.in_chans = check_int("in_chans", in_chans, minimum=1, owner=owner)
+        self.task_names = check_str_list("task_names", task_names, optional=True, owner=owner)
+        self.num_classes = check_int_list("num_classes", num_classes, minimum=1, optional=True, owner=owner)
+        self.lr = check_float("lr", lr, low=0.0, low_open=True, owner=owner)
+        self.weight_decay = check_float("weight_decay", weight_decay, low=0.0, owner=owner)
         self.skeleton = build_backbone(backbone, in_chans=in_chans, **self.backbone_kwargs)
         self.heads: nn.ModuleList | None = None
         self.val_acc: nn.ModuleList | None = None
@@ -106,6 +110,11 @@ class PretrainModule(_TaskModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         export_path: where rank zero writes θ₀ as safetensors at the end of fit.
+
+    Raises:
+        TypeError: an argument has the wrong type (a float or bool for an int, a string for a list).
+        ValueError: an argument is out of range, or ``pretrain_tasks`` names no task (checked
+            against the datamodule's tasks in ``setup``).
     """
 
     def __init__(
@@ -122,8 +131,26 @@ class PretrainModule(_TaskModule):
     ) -> None:
         super().__init__(backbone, backbone_kwargs, in_chans, task_names, num_classes, lr, weight_decay)
         self.save_hyperparameters()
-        self.pretrain_tasks = list(pretrain_tasks) if pretrain_tasks is not None else [0]
-        self.export_path = export_path
+        pretrain_tasks = check_int_list(
+            "pretrain_tasks", pretrain_tasks, minimum=0, optional=True, owner="PretrainModule"
+        )
+        self.pretrain_tasks = pretrain_tasks if pretrain_tasks is not None else [0]
+        self.export_path = check_str("export_path", export_path, optional=True, path=True, owner="PretrainModule")
+        if self.num_classes is not None:
+            self._check_pretrain_tasks()
+
+    def _check_pretrain_tasks(self) -> None:
+        bad = [t for t in self.pretrain_tasks if t >= len(self.num_classes)]
+        if bad:
+            raise ValueError(
+                f"PretrainModule: pretrain_tasks {bad} are out of range: the tasks are "
+                f"{list(enumerate(self.task_names))} (index, name)"
+            )
+
+    def setup(self, stage: str) -> None:
+        """Build the heads from the datamodule's tasks if not given, and check ``pretrain_tasks`` against them."""
+        super().setup(stage)
+        self._check_pretrain_tasks()
 
     def forward(self, x: Tensor) -> Tensor:
         """Backbone features ``(B, d)``."""
@@ -169,6 +196,10 @@ class MultiExpertModule(_TaskModule):
         weight_decay: AdamW weight decay.
         export_dir: where rank zero writes the :class:`~merging.bundle.ExpertBundle` at
             the end of fit (what ``MergedModule`` and ``EnsembleModule`` read).
+
+    Raises:
+        TypeError: an argument has the wrong type (a float or bool for an int, a string for a list).
+        ValueError: an argument is out of range.
     """
 
     def __init__(
@@ -186,10 +217,11 @@ class MultiExpertModule(_TaskModule):
     ) -> None:
         super().__init__(backbone, backbone_kwargs, in_chans, task_names, num_classes, lr, weight_decay)
         self.save_hyperparameters()
-        self.base_checkpoint = base_checkpoint
-        self.base_prefix = base_prefix
+        owner = "MultiExpertModule"
+        self.base_checkpoint = check_str("base_checkpoint", base_checkpoint, optional=True, path=True, owner=owner)
+        self.base_prefix = check_str("base_prefix", base_prefix, optional=True, nonempty=False, owner=owner)
         self.skeleton.requires_grad_(False)
-        self.export_dir = export_dir
+        self.export_dir = check_str("export_dir", export_dir, optional=True, path=True, owner=owner)
         self.experts: nn.ModuleList | None = None
         if self.num_classes is not None:
             self._build_experts()

@@ -47,6 +47,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
+from merging._validation import check_bool, check_choice, check_float, check_int, check_str
 from merging.bundle import ExpertBundle
 from merging.neulig import (
     Alignment,
@@ -127,7 +128,8 @@ class NeuLigModule(LightningModule):
     The bundle is loaded, and Portland built, by :meth:`configure_model`.
 
     Raises:
-        ValueError: an unknown ``alignment`` or ``mode``, or a non-positive setting.
+        TypeError: an argument has the wrong type (a float or bool for an int).
+        ValueError: an unknown ``alignment`` or ``mode``, or a setting out of range.
     """
 
     def __init__(
@@ -143,14 +145,16 @@ class NeuLigModule(LightningModule):
         coopvec_plot: bool = True,
     ) -> None:
         super().__init__()
-        if alignment not in ("sup", "semi"):
-            raise ValueError(f"alignment must be 'sup' or 'semi', got {alignment!r}")
-        if mode not in ("per_batch_first", "per_sample", "static"):
-            raise ValueError(f"mode must be 'per_batch_first', 'per_sample' or 'static', got {mode!r}")
-        if scaling <= 0 or lr <= 0 or calibration_samples < 1:
-            raise ValueError(
-                f"scaling and lr must be > 0 and calibration_samples >= 1, got {scaling}, {lr}, {calibration_samples}"
-            )
+        owner = "NeuLigModule"
+        check_str("experts", experts, path=True, owner=owner)
+        check_choice("alignment", alignment, ("sup", "semi"), owner=owner)
+        check_choice("mode", mode, ("per_batch_first", "per_sample", "static"), owner=owner)
+        check_float("scaling", scaling, low=0.0, low_open=True, owner=owner)
+        check_float("lr", lr, low=0.0, low_open=True, owner=owner)
+        check_int("calibration_samples", calibration_samples, minimum=1, owner=owner)
+        check_int("calibration_seed", calibration_seed, minimum=0, owner=owner)
+        check_int("seed", seed, minimum=0, owner=owner)
+        check_bool("coopvec_plot", coopvec_plot, owner=owner)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.task_names: list[str] = []
