@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from merging.io import load_state_dict, write_atomic
-from merging.mloss import MLoss, MLossMeter, MLossReport, as_forward_args, check_state_keys, node_group_map
+from merging.mloss import MLossMeter, MLossReport, as_forward_args, check_state_keys, node_group_map
+from merging.mloss.metric import MLoss
 from merging.modules.protocols import HasExperts
 from merging.state import StateDict
 
