@@ -35,7 +35,8 @@ from merging._validation import (
     listed,
 )
 from merging.io import load_state_dict, write_atomic
-from merging.mloss import OUTPUT, MLoss, MLossMeter, MLossReport, as_forward_args, check_state_keys, node_group_map
+from merging.mloss import OUTPUT, MLossMeter, MLossReport, as_forward_args, check_state_keys, node_group_map
+from merging.mloss.metric import MLoss
 from merging.modules.protocols import HasExperts
 from merging.state import StateDict
 
@@ -74,7 +75,7 @@ class MLossMonitor(Callback):
 
     Every ``every_n_train_steps`` optimizer steps (or ``every_n_epochs`` epochs) it logs
     ``<prefix>/layer/<name>``, ``<prefix>/normalized/<name>`` and ``<prefix>/mean``. The sums
-    and counts are reduced across ranks by the :class:`~merging.mloss.MLoss` metric, so a
+    and counts are reduced across ranks by the :class:`~merging.mloss.metric.MLoss` metric, so a
     DDP run logs the M-Loss of all ranks' inputs together (identical on every rank). A
     measurement runs in ``no_grad`` and eval mode, restores every module's train/eval flag
     and the RNG states, and never changes the weights.

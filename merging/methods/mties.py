@@ -57,7 +57,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -66,10 +66,110 @@ from torch import Tensor, nn
 from merging._validation import check_choice, check_float, check_int, check_str_list
 from merging.methods.base import MergeMethod, register_method
 from merging.methods.classic import Dare, TiesMerging, ties_disjoint_merge
-from merging.mloss import SCALES, MLossMeter, row_keep_rates
+from merging.mloss import MLossMeter
 from merging.state import is_mergeable
 
 log = logging.getLogger(__name__)
+
+Scale = Literal["rank", "robust", "log"]
+"""How node M-Loss becomes a row scale in [0, 1] (Def. 3.6): ``"rank"`` is the authors' choice."""
+
+
+def _check_vector(m: Tensor, what: str) -> None:
+    if m.dim() != 1 or m.numel() == 0:
+        raise ValueError(f"{what} expects a non-empty 1-D node M-Loss vector, got shape {tuple(m.shape)}")
+    if not bool(torch.isfinite(m).all()):
+        raise ValueError(f"{what}: the node M-Loss vector holds NaN or inf")
+
+
+def _min_max(x: Tensor) -> Tensor:
+    span = x.max() - x.min()
+    if span == 0:
+        return torch.zeros_like(x)
+    return (x - x.min()) / span
+
+
+def rank_scale(m: Tensor) -> Tensor:
+    """rank(m_i) / (d − 1) in [0, 1]: rank 0 is the smallest; ties ranked by stable argsort
+    (index order), as the authors' ``rank_scale``. A single node gets 0.
+
+    Args:
+        m: node M-Loss ``(d,)``.
+
+    Returns:
+        ``(d,)`` float.
+    """
+    _check_vector(m, "rank_scale")
+    d = m.numel()
+    ranks = torch.empty(d, dtype=torch.float64, device=m.device)
+    ranks[torch.argsort(m, stable=True)] = torch.arange(d, dtype=torch.float64, device=m.device)
+    return ranks / (d - 1) if d > 1 else ranks.zero_()
+
+
+def robust_scale(m: Tensor) -> Tensor:
+    """(m − median) / IQR, then min–max to [0, 1] (the authors' unused alternative).
+
+    The median is ``torch.median`` (the lower middle value), the quartiles are linearly
+    interpolated. A zero IQR (or a constant vector) gives zeros.
+
+    Args:
+        m: node M-Loss ``(d,)``.
+
+    Returns:
+        ``(d,)`` float64.
+    """
+    _check_vector(m, "robust_scale")
+    x = m.to(torch.float64)
+    iqr = torch.quantile(x, 0.75) - torch.quantile(x, 0.25)
+    if iqr == 0:
+        return torch.zeros_like(x)
+    return _min_max((x - torch.median(x)) / iqr)
+
+
+def log_scale(m: Tensor, eps: float = 1e-6) -> Tensor:
+    """log(m + eps), then min–max to [0, 1] (the authors' unused alternative; a constant
+    vector gives zeros).
+
+    Args:
+        m: node M-Loss ``(d,)``, non-negative.
+        eps: added before the log.
+
+    Returns:
+        ``(d,)`` float64.
+    """
+    _check_vector(m, "log_scale")
+    if bool((m < 0).any()):
+        raise ValueError("log_scale: node M-Loss values must be non-negative")
+    return _min_max(torch.log(m.to(torch.float64) + eps))
+
+
+SCALES: dict[str, Callable[[Tensor], Tensor]] = {"rank": rank_scale, "robust": robust_scale, "log": log_scale}
+
+
+def row_keep_rates(m: Tensor, density: float = 0.8, spread: float = 0.1, scale: Scale = "rank") -> Tensor:
+    """M-TIES row keep rates r_i = k − e · scale(M)_i ∈ [k − e, k] (spec §1.5 step c).
+
+    Rows with a larger node M-Loss (more conflict) keep fewer entries.
+
+    Args:
+        m: node M-Loss of one layer ``(d_out,)``.
+        density: k, the base keep ratio.
+        spread: e, the spread of the rates.
+        scale: ``"rank"`` (the authors' choice), ``"robust"`` or ``"log"``.
+
+    Returns:
+        ``(d_out,)`` float64.
+
+    Raises:
+        ValueError: rates outside [0, 1] (needs 0 ≤ k − e and k ≤ 1), or an unknown scale.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"row_keep_rates: scale must be one of {sorted(SCALES)}, got {scale!r}")
+    if spread < 0 or density > 1 or density - spread < 0:
+        raise ValueError(
+            f"row_keep_rates: need 0 <= density - spread and density <= 1, got density={density}, spread={spread}"
+        )
+    return density - spread * SCALES[scale](m).to(torch.float64)
 
 
 def row_keep_counts(rates: Tensor, row_length: int) -> Tensor:
@@ -403,4 +503,15 @@ class MTiesMerging(MergeMethod):
         return base + self.scaling * ties_disjoint_merge(trimmed, thresholds)
 
 
-__all__ = ["MTiesMerging", "row_keep_counts", "row_thresholds", "rowwise_topk_trim", "scheduled_node_mloss"]
+__all__ = [
+    "SCALES",
+    "MTiesMerging",
+    "log_scale",
+    "rank_scale",
+    "robust_scale",
+    "row_keep_counts",
+    "row_keep_rates",
+    "row_thresholds",
+    "rowwise_topk_trim",
+    "scheduled_node_mloss",
+]

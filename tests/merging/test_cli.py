@@ -51,8 +51,8 @@ def _fails(argv, capsys, code: int) -> str:
 @pytest.mark.parametrize(
     ("hparams", "needles"),
     [
-        (["density=abc"], ["density='abc'", "must be a float", "density=0.2"]),
-        (["scope=layer"], ["scope='layer'", "'global', 'tensor'"]),
+        (["density=abc"], ["density='abc'", "density must be a float in [0, 1], got 'abc'", "density=0.2"]),
+        (["scope=layer"], ["scope='layer'", "'global'", "'tensor'"]),
         (["density=3"], ["density=3", "density must be a float in [0, 1]"]),
         (["dencity=0.5"], ["'dencity'", "it takes density=0.2, scaling=1.0, scope='global'"]),
         (["density"], ["'density' is not of the form name=value"]),

@@ -12,9 +12,9 @@ def test_merge_path_imports_no_heavy_modules():
         "import sys, merging.streaming, merging.methods\n"
         "heavy = [m for m in ('torchmetrics', 'torchvision', 'lightning', 'numba') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
-        "from merging.mloss import MLoss\n"  # still importable where it always was
+        "from merging.mloss.metric import MLoss\n"  # the one M-Loss module that imports torchmetrics
         "print(MLoss.__module__)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == ""
-    assert out[1] == "merging.metrics"
+    assert out[1] == "merging.mloss.metric"

@@ -8,8 +8,16 @@ from torch import nn
 
 from merging.methods import get_method
 from merging.methods.classic import disjoint_mean, elect_sign, trim_to_density
-from merging.methods.mties import MTiesMerging, row_keep_counts, rowwise_topk_trim
-from merging.mloss import MLossMeter, partial_merge, row_keep_rates
+from merging.methods.mties import (
+    MTiesMerging,
+    log_scale,
+    rank_scale,
+    robust_scale,
+    row_keep_counts,
+    row_keep_rates,
+    rowwise_topk_trim,
+)
+from merging.mloss import MLossMeter, partial_merge
 
 
 def _model() -> nn.Sequential:
@@ -266,3 +274,34 @@ def test_dtype_is_kept():
     data = [d.to(torch.bfloat16) for d in _data()]
     merged = get_method("mties").merge(experts, base, model=model, data=data)
     assert all(v.dtype == torch.bfloat16 for v in merged.values())
+
+
+# -------------------------------------------------------------- Def. 3.6 scales and rates
+
+
+def test_rank_scale_spec_example_and_ties():
+    assert rank_scale(torch.tensor([0.3, 0.1, 0.2])).tolist() == [1.0, 0.0, 0.5]
+    assert rank_scale(torch.tensor([0.5, 0.5, 0.1])).tolist() == [0.5, 1.0, 0.0]  # ties by index
+    assert rank_scale(torch.tensor([2.0])).tolist() == [0.0]
+
+
+def test_row_keep_rates_spec_example():
+    rates = row_keep_rates(torch.tensor([0.3, 0.1, 0.2]), density=0.8, spread=0.1)
+    torch.testing.assert_close(rates, torch.tensor([0.7, 0.8, 0.75], dtype=torch.float64))
+    with pytest.raises(ValueError, match="density - spread"):
+        row_keep_rates(torch.tensor([0.1, 0.2]), density=0.1, spread=0.2)
+    with pytest.raises(ValueError, match="scale"):
+        row_keep_rates(torch.tensor([0.1, 0.2]), scale="minmax")
+
+
+def test_robust_and_log_scales():
+    m = torch.tensor([0.0, 1.0, 2.0, 3.0, 100.0])
+    robust = robust_scale(m)
+    # median 2, IQR 2 -> [-1, -0.5, 0, 0.5, 49] -> min-max
+    torch.testing.assert_close(robust, (torch.tensor([-1.0, -0.5, 0.0, 0.5, 49.0], dtype=torch.float64) + 1) / 50)
+    logs = log_scale(torch.tensor([1e-6, 1.0, 1e6]))
+    assert logs[0] == 0 and logs[2] == 1 and 0 < logs[1] < 1
+    assert robust_scale(torch.ones(4)).tolist() == [0.0] * 4
+    assert log_scale(torch.ones(4)).tolist() == [0.0] * 4
+    with pytest.raises(ValueError, match="NaN"):
+        rank_scale(torch.tensor([0.1, float("nan")]))

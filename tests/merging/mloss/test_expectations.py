@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merging.mloss import (
-    centred_gap,
+from merging.mloss import centred_gap
+from merging.mloss.expectations import (
     expected_gap,
     gate_disagreement,
     gauss_smoothed_act,

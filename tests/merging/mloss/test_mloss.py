@@ -16,7 +16,6 @@ from torch.func import functional_call
 
 from merging.mloss import (
     OUTPUT,
-    MLoss,
     MLossMeter,
     MLossStatistics,
     capture_layer_input,
@@ -24,18 +23,15 @@ from merging.mloss import (
     expert_preactivations,
     find_activation_layers,
     layer_mloss,
-    log_scale,
     m_loss,
     mloss_report,
     mloss_statistics,
     node_group_map,
     node_mloss,
     partial_merge,
-    rank_scale,
-    robust_scale,
-    row_keep_rates,
     weighted_average,
 )
+from merging.mloss.metric import MLoss
 from merging.models import SmallCNN
 from merging.state import StateDictError
 
@@ -493,37 +489,6 @@ def test_metric_two_process_gloo_uneven_shards_equals_single_process():
     # a mean of per-rank means would not match: the shards are uneven
     per_rank = [m_loss(model, experts, s, base=base).layer["0"] for s in shards]
     assert sum(per_rank) / 2 != pytest.approx(want.layer["0"], rel=1e-4)
-
-
-# -------------------------------------------------------------- Def. 3.6 scales and rates
-
-
-def test_rank_scale_spec_example_and_ties():
-    assert rank_scale(torch.tensor([0.3, 0.1, 0.2])).tolist() == [1.0, 0.0, 0.5]
-    assert rank_scale(torch.tensor([0.5, 0.5, 0.1])).tolist() == [0.5, 1.0, 0.0]  # ties by index
-    assert rank_scale(torch.tensor([2.0])).tolist() == [0.0]
-
-
-def test_row_keep_rates_spec_example():
-    rates = row_keep_rates(torch.tensor([0.3, 0.1, 0.2]), density=0.8, spread=0.1)
-    torch.testing.assert_close(rates, torch.tensor([0.7, 0.8, 0.75], dtype=torch.float64))
-    with pytest.raises(ValueError, match="density - spread"):
-        row_keep_rates(torch.tensor([0.1, 0.2]), density=0.1, spread=0.2)
-    with pytest.raises(ValueError, match="scale"):
-        row_keep_rates(torch.tensor([0.1, 0.2]), scale="minmax")
-
-
-def test_robust_and_log_scales():
-    m = torch.tensor([0.0, 1.0, 2.0, 3.0, 100.0])
-    robust = robust_scale(m)
-    # median 2, IQR 2 -> [-1, -0.5, 0, 0.5, 49] -> min-max
-    torch.testing.assert_close(robust, (torch.tensor([-1.0, -0.5, 0.0, 0.5, 49.0], dtype=torch.float64) + 1) / 50)
-    logs = log_scale(torch.tensor([1e-6, 1.0, 1e6]))
-    assert logs[0] == 0 and logs[2] == 1 and 0 < logs[1] < 1
-    assert robust_scale(torch.ones(4)).tolist() == [0.0] * 4
-    assert log_scale(torch.ones(4)).tolist() == [0.0] * 4
-    with pytest.raises(ValueError, match="NaN"):
-        rank_scale(torch.tensor([0.1, float("nan")]))
 
 
 def test_node_group_map_bins_contiguous_nodes():

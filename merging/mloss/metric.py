@@ -1,7 +1,11 @@
-"""The torchmetrics ``Metric`` of M-Loss (DDP-reducible sums and counts).
+"""M-Loss as a torchmetrics ``Metric``: per-layer sums and counts, reduced across DDP ranks.
 
-Kept apart from :mod:`merging.mloss` (which re-exports it lazily as ``merging.mloss.MLoss``)
-so that the merge methods, which use the M-Loss maths, do not import torchmetrics.
+Wang, Duan, Chen, Wu, Lim, "M-Loss: Quantifying Model Merging Compatibility with Limited
+Unlabeled Data", AAAI 2026, https://arxiv.org/abs/2602.08564.
+
+The only module of :mod:`merging.mloss` that imports torchmetrics (which imports
+torchvision), so that the merge methods, which use the M-Loss maths, stay light: import
+:class:`MLoss` from here, ``from merging.mloss.metric import MLoss``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from merging.mloss import MLossReport, MLossStatistics, mloss_report
+from merging.mloss.gap import MLossReport, MLossStatistics, mloss_report
 
 
 class MLoss(Metric):
@@ -25,7 +29,7 @@ class MLoss(Metric):
 
     Args:
         node_sizes: ``{layer name: d_out}`` of every layer that may be updated (for
-            :data:`OUTPUT`: the output's last dimension).
+            :data:`~merging.mloss.gap.OUTPUT`: the output's last dimension).
         **kwargs: torchmetrics ``Metric`` options.
 
     Example::
