@@ -44,15 +44,16 @@ from merging.diagnostics import pretrain_backbone  # noqa: E402
 from merging.io import write_text_atomic  # noqa: E402
 from merging.methods import get_method  # noqa: E402
 from merging.models import build_backbone  # noqa: E402
+from merging.modules.protocols import HasExperts  # noqa: E402
 from merging.stability import task_vector_stats  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
 
-class JointExperts(LightningModule):
+class JointExperts(LightningModule, HasExperts):
     """K experts (a backbone copy and a head each) fine-tuned together, expert t on task t.
 
-    Satisfies ``merging.modules.protocols.HasExperts``; heads are not part of the experts'
+    A ``merging.modules.protocols.HasExperts``; heads are not part of the experts'
     state dicts (they are never merged).
     """
 
