@@ -239,10 +239,11 @@ def global_magnitude_thresholds(
 
     Returns:
         ``(K,)`` float32 thresholds (``+inf`` when nothing is kept), on the device of the
-        first key's base tensor (every tensor made here is; the CPU when ``keys`` is empty).
+        first key's base tensor (every tensor made here is; torch's default device when ``keys``
+        is empty).
     """
     num_experts = len(experts)
-    device = base[keys[0]].device if keys else torch.device("cpu")
+    device = base[keys[0]].device if keys else None
     total = sum(base[key].numel() for key in keys)
     n = keep_count(total, density)
     if n == 0 or total == 0:
@@ -330,7 +331,7 @@ def _sample_bracket(
     sample is every ``period``-th run of :data:`_SAMPLE_RUN` consecutive entries, so it reads
     a small fraction of memory. Without a sample (small models): [0, +inf]."""
     num_experts = len(experts)
-    device = base[keys[0]].device if keys else torch.device("cpu")
+    device = base[keys[0]].device if keys else None
     run = _SAMPLE_RUN
     period = (total // sample_target) * run if sample_target > 0 else 0
     pieces = []
