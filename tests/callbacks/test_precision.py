@@ -204,13 +204,20 @@ def test_steps_a_gradient_scaler_skips_are_not_recorded(tmp_path):
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
 @pytest.mark.parametrize("make", [_Single, _Experts, _ResNet], ids=["single-model", "multi-expert", "timm-resnet18"])
 def test_callbacks_on_the_gpu(tmp_path, precision, make):
-    plain = _fit(tmp_path / "plain", make, [], precision, accelerator="gpu")
+    # Deterministic kernels where CUDA has them (warn where it has not, e.g. adaptive pooling).
+    gpu = {"accelerator": "gpu", "deterministic": "warn"}
+    plain = _fit(tmp_path / "plain", make, [], precision, **gpu)
     mloss = MLossMonitor(every_n_train_steps=2, num_batches=2, heatmap_filename=None)
     stability = StabilityMonitor(every_n_steps=2)  # TIES and DARE sparsifiers, report written
     callbacks = [mloss, stability] + ([ExpertDriftStopper(factor=1e6)] if make is _Experts else [])
-    watched = _fit(tmp_path / "watched", make, callbacks, precision, accelerator="gpu")
-    assert watched.device.type == "cuda"
-    _assert_same_weights(plain, watched)
+    watched = _fit(tmp_path / "watched", make, callbacks, precision, **gpu)
+    assert watched.trainer.strategy.root_device.type == "cuda"  # the module is back on the CPU after fit
+    again = _fit(tmp_path / "again", make, [], precision, **gpu)
+    if all(torch.equal(v, again.state_dict()[k]) for k, v in plain.state_dict().items()):
+        _assert_same_weights(plain, watched)  # the plain fit repeats bit for bit: so must the watched one
+    else:  # this GPU's kernels do not repeat a fit bit for bit; the callbacks still must not steer it
+        for key, value in plain.state_dict().items():
+            torch.testing.assert_close(watched.state_dict()[key], value, rtol=1e-3, atol=1e-4, msg=key)
     assert stability.multi_expert == (make is _Experts)
     # State kept on the module's device: the previous weights, a single model's θ₀, the inputs.
     assert all(v.device.type == "cuda" for m in stability._previous for v in m.values())
