@@ -70,7 +70,7 @@ from merging.io import write_text_atomic  # noqa: E402
 from merging.methods import get_method  # noqa: E402
 from merging.modules import MultiExpertModule, PretrainModule  # noqa: E402
 from merging.modules.evaluate import ensemble_features, stack_states  # noqa: E402
-from merging.scenarios import quiet_trainer  # noqa: E402
+from merging.scenarios import add_hardware_arguments, quiet_trainer  # noqa: E402
 from merging.stability import task_vector_stats  # noqa: E402
 from merging.state import StateDict  # noqa: E402
 
@@ -197,7 +197,7 @@ def _mean_accuracy(
     return 100.0 * statistics.fmean(accs)
 
 
-def _pretrained_base(regime: Regime, seed: int, data: DigitsTasks, cache: Path) -> Path:
+def _pretrained_base(regime: Regime, seed: int, data: DigitsTasks, cache: Path, hardware: dict) -> Path:
     """θ₀ of this seed, width, pretraining length and batch size: read from ``cache`` when
     an earlier setting made it, else pretrained (from ``seed_everything(seed)``) and saved.
 
@@ -208,15 +208,15 @@ def _pretrained_base(regime: Regime, seed: int, data: DigitsTasks, cache: Path) 
     if not path.exists():
         pl.seed_everything(seed, verbose=False)
         pretrain = PretrainModule(backbone_kwargs={"width": regime.width}, export_path=str(path))
-        quiet_trainer(max_epochs=regime.pretrain_epochs, limit_val_batches=0).fit(pretrain, data)
+        quiet_trainer(**hardware, max_epochs=regime.pretrain_epochs, limit_val_batches=0).fit(pretrain, data)
     return path
 
 
-def _train(regime: Regime, seed: int, data: DigitsTasks, cache: Path) -> MultiExpertModule:
+def _train(regime: Regime, seed: int, data: DigitsTasks, cache: Path, hardware: dict) -> MultiExpertModule:
     """Pretrain (or reuse) θ₀, then fine-tune the K experts (optionally after a head-only
     probe) from ``seed_everything(seed)``."""
     backbone_kwargs = {"width": regime.width}
-    base_path = _pretrained_base(regime, seed, data, cache)
+    base_path = _pretrained_base(regime, seed, data, cache, hardware)
     pl.seed_everything(seed, verbose=False)
     module_cls = _SGDExperts if regime.optimizer == "sgd" else MultiExpertModule
     experts = module_cls(
@@ -231,16 +231,16 @@ def _train(regime: Regime, seed: int, data: DigitsTasks, cache: Path) -> MultiEx
         # Head-only phase: the module's optimizer takes the parameters that require grad.
         experts.experts.requires_grad_(False)
         experts.lr = regime.probe_lr
-        quiet_trainer(max_epochs=regime.probe_epochs, limit_val_batches=0).fit(experts, data)
+        quiet_trainer(**hardware, max_epochs=regime.probe_epochs, limit_val_batches=0).fit(experts, data)
         experts.experts.requires_grad_(True)
         experts.lr = regime.lr
     if regime.freeze_heads:
         experts.heads.requires_grad_(False)
-    quiet_trainer(max_epochs=regime.epochs, limit_val_batches=0).fit(experts, data)
+    quiet_trainer(**hardware, max_epochs=regime.epochs, limit_val_batches=0).fit(experts, data)
     return experts.eval()
 
 
-def run_seed(regime: Regime, seed: int, cache: Path) -> dict[str, float]:
+def run_seed(regime: Regime, seed: int, cache: Path, hardware: dict | None = None) -> dict[str, float]:
     """One seed of one setting: train, merge, evaluate; returns ``{quantity: value}``
     (accuracies in %, ``seconds`` the wall time of this run).
 
@@ -248,10 +248,12 @@ def run_seed(regime: Regime, seed: int, cache: Path) -> dict[str, float]:
         regime: the setting.
         seed: seed of the data splits, the pretraining and the fine-tuning.
         cache: folder of pretrained θ₀ files shared by settings (:func:`_pretrained_base`).
+        hardware: the Trainers' ``accelerator`` and ``devices`` (default: one CPU).
     """
+    hardware = hardware or {}
     start = time.perf_counter()
     data = DigitsTasks(seed=seed, batch_size=regime.batch_size)
-    module = _train(regime, seed, data, cache)
+    module = _train(regime, seed, data, cache, hardware)
     val, test = _split_tensors(data, "val"), _split_tensors(data, "test")
     skeleton, heads = module.skeleton.eval(), module.heads.eval()
     experts: list[StateDict] = [{k: v.detach().clone() for k, v in s.items()} for s in module.expert_state_dicts()]
@@ -375,7 +377,9 @@ def main(argv: list[str] | None = None) -> str:
     )
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (each with 1 torch thread)")
     parser.add_argument("--out", type=Path, default=None, help="report path (default: benchmarks/results/digits_regime.md)")
+    add_hardware_arguments(parser)
     args = parser.parse_args(argv)
+    hardware = {"accelerator": args.accelerator, "devices": args.devices}
 
     _quiet()
     log = logging.getLogger("digits_regime")
@@ -396,7 +400,7 @@ def main(argv: list[str] | None = None) -> str:
     with tempfile.TemporaryDirectory() as cache, ProcessPoolExecutor(
         max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet
     ) as pool:
-        futures = {pool.submit(run_seed, r, seed, Path(cache)): (r.name, seed) for r in regimes for seed in args.seeds}
+        futures = {pool.submit(run_seed, r, seed, Path(cache), hardware): (r.name, seed) for r in regimes for seed in args.seeds}
         for future in as_completed(futures):
             name, seed = futures[future]
             runs[name, seed] = row = future.result()

@@ -61,6 +61,7 @@ from merging.callbacks.mloss_monitor import DEFAULT_EVERY_N_TRAIN_STEPS
 from merging.io import write_text_atomic
 from merging.mloss import find_activation_layers, m_loss
 from merging.models import MLP, SmallCNN
+from merging.scenarios import add_hardware_arguments
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mloss_overhead.md"
 PERIOD = DEFAULT_EVERY_N_TRAIN_STEPS
@@ -168,7 +169,9 @@ class Overhead:
         return self.monitor_per_period / (PERIOD * self.step)
 
 
-def paired_blocks(case: str, make: Callable[[], tuple[LightningModule, Any]], pairs: int) -> Overhead:
+def paired_blocks(
+    case: str, make: Callable[[], tuple[LightningModule, Any]], pairs: int, hardware: dict | None = None
+) -> Overhead:
     """One fit of (1 + 2·pairs)·PERIOD steps, measuring in block 0 and in the B blocks."""
     order = []  # (A block, B block) per pair, in the order A B, B A, A B, ...
     for r in range(pairs):
@@ -178,8 +181,9 @@ def paired_blocks(case: str, make: Callable[[], tuple[LightningModule, Any]], pa
     model, data = make()
     monitor = BlockMonitor({0} | {b for _, b in order})
     clock = StepClock()
+    hardware = hardware or {"accelerator": "cpu"}
     trainer = Trainer(
-        accelerator="cpu",
+        **hardware,
         max_steps=(1 + 2 * pairs) * PERIOD,
         limit_val_batches=0,
         callbacks=[monitor, clock],
@@ -362,7 +366,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every case's number of block pairs")
     parser.add_argument("--skip-cost", action="store_true", help="only the training-step overhead")
+    add_hardware_arguments(parser)
     args = parser.parse_args()
+    hardware = {"accelerator": args.accelerator, "devices": args.devices}
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -371,7 +377,7 @@ def main() -> None:
     command = ".venv/bin/python benchmarks/mloss_overhead.py" + (f" --scale {args.scale:g}" if args.scale != 1 else "")
     command += " --skip-cost" if args.skip_cost else ""
     overhead = [
-        paired_blocks(case, make, max(1, round(pairs * args.scale))) for case, (make, pairs) in CASES.items()
+        paired_blocks(case, make, max(1, round(pairs * args.scale)), hardware) for case, (make, pairs) in CASES.items()
     ]
     cost = [] if args.skip_cost else mloss_cost()
     table = render(overhead, cost, command)

@@ -44,15 +44,17 @@ from merging.diagnostics import pretrain_backbone  # noqa: E402
 from merging.io import write_text_atomic  # noqa: E402
 from merging.methods import get_method  # noqa: E402
 from merging.models import build_backbone  # noqa: E402
+from merging.modules.protocols import HasExperts  # noqa: E402
+from merging.scenarios import add_hardware_arguments  # noqa: E402
 from merging.stability import task_vector_stats  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
 
-class JointExperts(LightningModule):
+class JointExperts(LightningModule, HasExperts):
     """K experts (a backbone copy and a head each) fine-tuned together, expert t on task t.
 
-    Satisfies ``merging.modules.protocols.HasExperts``; heads are not part of the experts'
+    A ``merging.modules.protocols.HasExperts``; heads are not part of the experts'
     state dicts (they are never merged).
     """
 
@@ -115,7 +117,8 @@ def run_arm(stopper: bool, seed: int, args, dm: DigitsTasks, backbone: dict[str,
         callbacks.append(ExpertDriftStopper(factor=args.factor, min_steps=args.min_steps))
     with tempfile.TemporaryDirectory() as root:
         Trainer(
-            accelerator="cpu",
+            accelerator=args.accelerator,
+            devices=args.devices,
             max_epochs=args.epochs,
             logger=False,
             enable_checkpointing=False,
@@ -156,6 +159,7 @@ def main() -> None:
     parser.add_argument("--drift-lr-factor", type=float, default=10.0, help="lr multiple of the last expert")
     parser.add_argument("--factor", type=float, default=3.0, help="ExpertDriftStopper factor")
     parser.add_argument("--min-steps", type=int, default=0)
+    add_hardware_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared CPU
 

@@ -13,7 +13,9 @@ Prints one table (mean ± sd over seeds) and writes it as CSV, JSON and Markdown
 plot, to ``runs/demo/``. Then runs the second scenario, experts trained from different
 initialisations (:mod:`merging.scenarios`: averaging vs weight/activation matching vs
 MuDSC), and writes ``different_init.{md,json}`` there (``--skip-different-init`` skips it).
-Run ``python -m merging.demo --help`` for the options.
+Every Trainer runs on ``--accelerator`` (default ``auto``: the GPU where one is found) with
+``--devices`` (default 1); the merges run where the module is placed. Run
+``python -m merging.demo --help`` for the options.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from merging.mloss import m_loss
 from merging.report import accuracy_bars, accuracy_table, summarise
 from merging.stability import task_vector_stats
 from merging.modules import EnsembleModule, MergedModule, MultiExpertModule, NeuLigModule, PretrainModule
-from merging.scenarios import different_init_scenario, quiet_trainer
+from merging.scenarios import add_hardware_arguments, different_init_scenario, quiet_trainer
 
 #: Hyperparameters of each method in the demo (defaults of the papers unless noted).
 DEMO_METHODS: dict[str, dict[str, Any]] = {
@@ -142,12 +144,13 @@ def run_seed(
     """One seed of the pipeline; returns one result row per evaluated model and appends the
     experts' stability and M-Loss measurements to ``stability`` and ``mloss``."""
     pl.seed_everything(seed, verbose=False)
+    hardware = {"accelerator": args.accelerator, "devices": args.devices}
     run_dir = out / f"seed_{seed}"
     data = DigitsTasks(seed=seed, batch_size=args.batch_size)
     backbone_kwargs = {"width": args.width}
 
     pretrain = PretrainModule(backbone_kwargs=backbone_kwargs, export_path=str(run_dir / "base.safetensors"))
-    quiet_trainer(max_epochs=args.pretrain_epochs, limit_val_batches=0).fit(pretrain, data)
+    quiet_trainer(**hardware, max_epochs=args.pretrain_epochs, limit_val_batches=0).fit(pretrain, data)
     step("pretrained")
 
     experts = MultiExpertModule(
@@ -157,7 +160,9 @@ def run_seed(
         export_dir=str(run_dir / "experts"),
     )
     monitor = StabilityMonitor(sparsifiers=())
-    fit = quiet_trainer(max_epochs=args.expert_epochs, limit_val_batches=0, callbacks=[monitor], default_root_dir=str(run_dir))
+    fit = quiet_trainer(
+        **hardware, max_epochs=args.expert_epochs, limit_val_batches=0, callbacks=[monitor], default_root_dir=str(run_dir)
+    )
     fit.fit(experts, data)
     step("experts fine-tuned")
     stability.append(stability_summary(seed, monitor, experts))
@@ -173,7 +178,7 @@ def run_seed(
     rows = []
 
     def evaluate(label: str, module) -> None:
-        quiet_trainer().test(module, data, verbose=False)
+        quiet_trainer(**hardware).test(module, data, verbose=False)
         rows.append({"model": label, "seed": seed, **module.results})
 
     evaluate("ensemble", EnsembleModule(bundle_dir))
@@ -189,16 +194,19 @@ def run_seed(
             evaluate(searched_label(name), merged(DEMO_SCALING_GRIDS[name]))
         step(f"merged: {name}")
     if args.neulig_epochs:
-        rows += neulig_rows(seed, bundle_dir, data, args.neulig_epochs)
+        rows += neulig_rows(seed, bundle_dir, data, args.neulig_epochs, hardware)
         step("NeuLig: Portland trained")
     return rows
 
 
-def neulig_rows(seed: int, bundle_dir: str, data: DigitsTasks, epochs: int) -> list[dict]:
+def neulig_rows(
+    seed: int, bundle_dir: str, data: DigitsTasks, epochs: int, hardware: dict[str, Any] | None = None
+) -> list[dict]:
     """Train Portland (supervised, per-sample CoopVecs) on the frozen experts and report its
-    merged and ensembled accuracy, from the Portland chosen on the validation split."""
+    merged and ensembled accuracy, from the Portland chosen on the validation split
+    (``hardware``: the Trainer's ``accelerator`` and ``devices``)."""
     module = NeuLigModule(bundle_dir, alignment="sup", seed=seed, coopvec_plot=False)
-    trainer = quiet_trainer(max_epochs=epochs, check_val_every_n_epoch=max(1, epochs // 5))
+    trainer = quiet_trainer(**(hardware or {}), max_epochs=epochs, check_val_every_n_epoch=max(1, epochs // 5))
     trainer.fit(module, data)
     trainer.test(module, data, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -227,6 +235,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--skip-different-init", action="store_true", help="skip the experts-from-different-initialisations scenario"
     )
+    add_hardware_arguments(parser)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -297,6 +306,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 width=args.width,
                 batch_size=args.batch_size,
                 step=lambda what: status.update(f"experts from different initialisations: {what}"),
+                accelerator=args.accelerator,
+                devices=args.devices,
             )
         console.print(di_table)
         console.print(f"written to {args.out}/different_init.{{md,json}}")

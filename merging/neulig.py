@@ -107,7 +107,7 @@ def modified_offsets(experts: Sequence[Mapping[str, Tensor]]) -> Tensor:
         experts: θ_1..θ_K, state dicts with identical keys, shapes and dtypes.
 
     Returns:
-        ε*, shape ``(K,)``, float64.
+        ε*, shape ``(K,)``, float64, on the experts' device.
 
     Raises:
         ValueError: fewer than two experts, or incompatible state dicts (names the key).
@@ -115,10 +115,11 @@ def modified_offsets(experts: Sequence[Mapping[str, Tensor]]) -> Tensor:
     if len(experts) < 2:
         raise ValueError(f"NeuLig needs K >= 2 experts to define offsets, got {len(experts)}")
     check_compatible(experts)
-    total = torch.zeros(len(experts), dtype=torch.float64)
+    first = next(iter(experts[0].values()))
+    total = first.new_zeros(len(experts), dtype=torch.float64)
     for key in sorted(experts[0]):
         if is_mergeable(experts[0][key]):
-            total += raw_offsets(torch.stack([e[key] for e in experts])).cpu()
+            total += raw_offsets(torch.stack([e[key] for e in experts]))
     return standardize_offsets(total)
 
 
@@ -434,17 +435,19 @@ def mean_coopvec(
         batches: input batches ``x`` or ``(x, ...)`` (tasks may be mixed).
 
     Returns:
-        β̄, shape ``(K,)``, float64, on the simplex (the sample-weighted mean).
+        β̄, shape ``(K,)``, float64, on the simplex (the sample-weighted mean), on the
+        device the CoopVecs are computed on.
 
     Raises:
         ValueError: ``batches`` is empty.
     """
-    total = torch.zeros(len(experts), dtype=torch.float64)
+    total: Tensor | None = None
     count = 0
     for batch in batches:
         x = batch_inputs(batch)
         beta = portland(concat_features(expert_features(skeleton, experts, x)))
-        total += beta.sum(dim=0).to(device="cpu", dtype=torch.float64)
+        summed = beta.sum(dim=0).to(torch.float64)
+        total = summed if total is None else total + summed
         count += beta.shape[0]
     if count == 0:
         raise ValueError("mean_coopvec: the calibration set is empty (no batch, or only empty batches)")
@@ -525,14 +528,14 @@ def coopvec_map(
         task_batches: ``(t, batch)`` pairs, ``batch`` = ``x`` or ``(x, ...)`` of task t.
 
     Returns:
-        ``(beta (N, K), task_id (N,))``; summarise with :func:`coopvec_statistics` and
-        :func:`summarize_coopvec`.
+        ``(beta (N, K), task_id (N,))`` on the device the CoopVecs are computed on;
+        summarise with :func:`coopvec_statistics` and :func:`summarize_coopvec`.
     """
     betas, tasks = [], []
     for t, batch in task_batches:
         x = batch_inputs(batch)
-        betas.append(portland(concat_features(expert_features(skeleton, experts, x))).cpu())
-        tasks.append(torch.full((x.shape[0],), int(t), dtype=torch.long))
+        betas.append(portland(concat_features(expert_features(skeleton, experts, x))))
+        tasks.append(torch.full((x.shape[0],), int(t), dtype=torch.long, device=betas[-1].device))
     if not betas:
         return torch.zeros(0, len(experts)), torch.zeros(0, dtype=torch.long)
     return torch.cat(betas), torch.cat(tasks)

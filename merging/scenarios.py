@@ -132,7 +132,7 @@ def transform_heads(heads: Sequence[Mapping[str, Tensor]], result: MatchResult) 
         raise ValueError(f"{len(heads)} heads for a matching of {matching.num_models} experts")
     out = []
     for t, head in enumerate(heads):
-        unmerge = matching.unmerge_block(t).to(head["weight"].dtype)
+        unmerge = matching.unmerge_block(t).to(device=head["weight"].device, dtype=head["weight"].dtype)
         out.append({"weight": head["weight"] @ unmerge, "bias": head["bias"].clone()})
     return out
 
@@ -196,18 +196,26 @@ def task_accuracy(
         loader: batches ``x: (B, *input_shape)``, ``y: (B,)``.
     """
     correct = total = 0
+    device = head["weight"].device
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         logits = F.linear(functional_call(backbone, dict(state), (x,)), head["weight"], head["bias"])
         correct += int((logits.argmax(1) == y).sum())
         total += y.numel()
     return correct / total
 
 
-def quiet_trainer(**kwargs: Any) -> pl.Trainer:
-    """A one-CPU Trainer with no logger, checkpoints, progress bar or summary (scripted runs)."""
+def quiet_trainer(accelerator: str = "cpu", devices: int | str = 1, **kwargs: Any) -> pl.Trainer:
+    """A Trainer with no logger, checkpoints, progress bar or summary (scripted runs).
+
+    Args:
+        accelerator: Lightning's accelerator (``"cpu"``, ``"gpu"``, ``"auto"``, ...).
+        devices: Lightning's devices.
+        **kwargs: any other ``Trainer`` argument.
+    """
     return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
+        accelerator=accelerator,
+        devices=devices,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -216,12 +224,34 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     )
 
 
+def add_hardware_arguments(parser: Any) -> None:
+    """``--accelerator`` (default ``auto``: a GPU where one is found) and ``--devices`` (default 1)
+    for the scripts' Trainers (an ``argparse.ArgumentParser``)."""
+    parser.add_argument(
+        "--accelerator", default="auto", help="Lightning accelerator: auto (a GPU where there is one), cpu, gpu, ..."
+    )
+    parser.add_argument(
+        "--devices", type=_devices, default=1, help="Lightning devices: a count, a list such as 0,1, or auto (default 1)"
+    )
+
+
+def _devices(value: str) -> int | str:
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
 def train_different_init_experts(
-    data: DigitsTasks, seed: int, *, epochs: int, lr: float, width: int
+    data: DigitsTasks,
+    seed: int,
+    *,
+    epochs: int,
+    lr: float,
+    width: int,
+    accelerator: str = "cpu",
+    devices: int | str = 1,
 ) -> MultiExpertModule:
     """K experts trained jointly, expert t on task t with its head, each from its **own**
     random initialisation (drawn with ``torch.manual_seed(1000·seed + t)``; the global RNG
-    is left as it was)."""
+    is left as it was). The module is returned on the device it was trained on."""
     pl.seed_everything(seed, verbose=False)
     module = MultiExpertModule(
         backbone_kwargs={"width": width}, task_names=data.task_names, num_classes=data.num_classes, lr=lr
@@ -231,8 +261,9 @@ def train_different_init_experts(
             torch.manual_seed(1000 * seed + t)
             fresh = build_backbone(module.backbone_name, in_chans=module.in_chans, **module.backbone_kwargs)
         expert.load_state_dict(fresh.state_dict(), strict=True)
-    quiet_trainer(max_epochs=epochs, limit_val_batches=0).fit(module, data)
-    return module.eval()
+    trainer = quiet_trainer(accelerator, devices, max_epochs=epochs, limit_val_batches=0)
+    trainer.fit(module, data)
+    return module.to(trainer.strategy.root_device).eval()
 
 
 def run_different_init_seed(
@@ -245,6 +276,8 @@ def run_different_init_seed(
     unlabeled_samples: int = 256,
     merges: Mapping[str, dict[str, Any] | None] = DIFFERENT_INIT_MERGES,
     step: Callable[[str], None] | None = None,
+    accelerator: str = "cpu",
+    devices: int | str = 1,
 ) -> list[dict[str, Any]]:
     """One seed: train the experts, merge them every way, evaluate each task with its head.
 
@@ -256,7 +289,9 @@ def run_different_init_seed(
         ``"test/merge_seconds"`` for merges).
     """
     data = DigitsTasks(seed=seed, batch_size=batch_size)
-    module = train_different_init_experts(data, seed, epochs=epochs, lr=lr, width=width)
+    module = train_different_init_experts(
+        data, seed, epochs=epochs, lr=lr, width=width, accelerator=accelerator, devices=devices
+    )
     if step is not None:
         step("experts trained")
     skeleton = module.skeleton.eval()
@@ -299,6 +334,8 @@ def different_init_scenario(
     unlabeled_samples: int = 256,
     merges: Mapping[str, dict[str, Any] | None] = DIFFERENT_INIT_MERGES,
     step: Callable[[str], None] | None = None,
+    accelerator: str = "cpu",
+    devices: int | str = 1,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Table]:
     """Run the scenario over ``seeds`` and write ``different_init.{md,json}`` to ``out_dir``.
 
@@ -316,6 +353,9 @@ def different_init_scenario(
         unlabeled_samples: unlabeled training inputs for the activation statistics.
         merges: label -> MuDSC hyperparameters, or None for plain averaging.
         step: called with a short description after each stage (progress bars).
+        accelerator: where the experts train, are merged and evaluated (Lightning's
+            accelerator name; the merges and evaluation follow the trained module).
+        devices: Lightning's devices for the training.
 
     Returns:
         The per-seed rows, the summary (mean ± sd over seeds) and the rich table.
@@ -336,6 +376,8 @@ def different_init_scenario(
             unlabeled_samples=unlabeled_samples,
             merges=merges,
             step=step,
+            accelerator=accelerator,
+            devices=devices,
         )
     task_names = DigitsTasks().task_names
     paired = {"vs_average": "average"} if "average" in merges else None
@@ -386,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--width", type=int, default=16, help="SmallCNN width of the first block")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest for these tiny models)")
+    add_hardware_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for name in ("lightning.pytorch", "lightning.fabric"):
@@ -393,7 +436,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     warnings.filterwarnings("ignore", module="lightning")
     console = Console()
     start = time.perf_counter()
-    _, summary, table = different_init_scenario(args.seeds, args.out, epochs=args.epochs, width=args.width)
+    _, summary, table = different_init_scenario(
+        args.seeds, args.out, epochs=args.epochs, width=args.width, accelerator=args.accelerator, devices=args.devices
+    )
     console.print(table)
     console.print(f"{time.perf_counter() - start:.1f} s; written to {args.out}/different_init.{{md,json}}")
     return summary

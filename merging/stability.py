@@ -87,8 +87,15 @@ def state_distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
     return global_norm(a[k].to(accumulation_dtype(a[k].dtype)) - b[k] for k in mergeable_keys(a))
 
 
-def normalized_weights(weights: Sequence[float] | Tensor | None, num_experts: int) -> Tensor:
+def normalized_weights(
+    weights: Sequence[float] | Tensor | None, num_experts: int, device: torch.device | None = None
+) -> Tensor:
     """Merge weights w (K,), float64, normalised to sum to 1; ``None`` gives uniform 1/K.
+
+    Args:
+        weights: w_1..w_K, or None.
+        num_experts: K.
+        device: where w is made (the experts' device); None: torch's default device.
 
     Raises:
         ValueError: wrong length, a negative weight, or a zero sum.
@@ -96,8 +103,8 @@ def normalized_weights(weights: Sequence[float] | Tensor | None, num_experts: in
     if num_experts < 1:
         raise ValueError("at least one expert is needed")
     if weights is None:
-        return torch.full((num_experts,), 1.0 / num_experts, dtype=torch.float64)
-    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+        return torch.full((num_experts,), 1.0 / num_experts, dtype=torch.float64, device=device)
+    w = torch.as_tensor(weights, dtype=torch.float64, device=device).flatten()
     if w.numel() != num_experts:
         raise ValueError(f"{w.numel()} merge weights given for {num_experts} experts")
     if bool((w < 0).any()) or float(w.sum()) <= 0 or not bool(torch.isfinite(w).all()):
@@ -213,7 +220,9 @@ class TrajectoryStats:
 
 @dataclass
 class TaskVectorStats:
-    """Task-vector statistics of K experts against one base (all float64, on the CPU).
+    """Task-vector statistics of K experts against one base (all float64, on the CPU: the
+    sums are accumulated on the task vectors' device and this K-sized summary is copied back
+    once).
 
     Attributes:
         weights: w (K,), normalised to sum to 1.
@@ -265,77 +274,108 @@ class TaskVectorStats:
 
 
 class _Accumulator:
-    """Sufficient statistics of :class:`TaskVectorStats`, summed entry by entry."""
+    """Sufficient statistics of :class:`TaskVectorStats`, summed entry by entry on the task
+    vectors' device (float64 sums, int64 counts: no host sync per entry); :meth:`result`
+    brings the K-sized summary to the CPU once."""
 
     def __init__(self, weights: Tensor, layer_depth: int | None) -> None:
-        k = weights.numel()
         self.w = weights
         self.layer_depth = layer_depth
-        self.gram = torch.zeros(k, k, dtype=torch.float64)
-        self.nonzero = torch.zeros(k, dtype=torch.float64)
-        self.both_nonzero = torch.zeros(k, k, dtype=torch.float64)
-        self.opposite = torch.zeros(k, k, dtype=torch.float64)
-        self.dispersion = 0.0
-        self.conflicts = 0
-        self.active = 0
+        self.sums: dict[str, Tensor] | None = None  # made on the first entry's device
         self.entries = 0
         self.layers: dict[str, dict[str, Any]] = {}
+
+    def _zeros(self, like: Tensor) -> dict[str, Tensor]:
+        k = self.w.numel()
+        return {
+            "gram": like.new_zeros(k, k),
+            "nonzero": like.new_zeros(k),
+            "both_nonzero": like.new_zeros(k, k),
+            "opposite": like.new_zeros(k, k),
+            "dispersion": like.new_zeros(()),
+            "conflicts": like.new_zeros((), dtype=torch.long),
+            "active": like.new_zeros((), dtype=torch.long),
+        }
 
     def add(self, key: str, tau: Tensor, deviation: Tensor) -> None:
         """Add one entry: ``tau`` (K, *shape) task vectors, ``deviation`` (K, *shape) any
         per-entry translate of them (θ_j − θ_1 keeps D exactly 0 for identical experts)."""
         k = tau.shape[0]
         flat = tau.reshape(k, -1).to(torch.float64)
+        if self.sums is None:
+            self.w = self.w.to(device=flat.device, dtype=torch.float64)
+            self.sums = self._zeros(flat)
         gram = flat @ flat.T
         dev = deviation.reshape(k, -1).to(torch.float64)
-        centred = dev - (self.w.to(dev.device).unsqueeze(1) * dev).sum(dim=0, keepdim=True)
-        disp = float((self.w.to(dev.device) * centred.pow(2).sum(dim=1)).sum())
+        centred = dev - (self.w.unsqueeze(1) * dev).sum(dim=0, keepdim=True)
+        disp = (self.w * centred.pow(2).sum(dim=1)).sum()
         pos, neg = flat > 0, flat < 0
         nz = (pos | neg).to(torch.float64)
-        conflict = pos.any(dim=0) & neg.any(dim=0)
-        active = nz.sum(dim=0) >= 2
-        n_conf, n_active = int(conflict.sum()), int(active.sum())
+        n_conf = (pos.any(dim=0) & neg.any(dim=0)).sum()
+        n_active = (nz.sum(dim=0) >= 2).sum()
         posf, negf = pos.to(torch.float64), neg.to(torch.float64)
-        self.gram += gram.cpu()
-        self.nonzero += nz.sum(dim=1).cpu()
-        self.both_nonzero += (nz @ nz.T).cpu()
-        self.opposite += (posf @ negf.T + negf @ posf.T).cpu()
-        self.dispersion += disp
-        self.conflicts += n_conf
-        self.active += n_active
+        sums = self.sums
+        sums["gram"] += gram
+        sums["nonzero"] += nz.sum(dim=1)
+        sums["both_nonzero"] += nz @ nz.T
+        sums["opposite"] += posf @ negf.T + negf @ posf.T
+        sums["dispersion"] += disp
+        sums["conflicts"] += n_conf
+        sums["active"] += n_active
         self.entries += flat.shape[1]
-        layer = self.layers.setdefault(
-            layer_name(key, self.layer_depth),
-            {"sq": torch.zeros(k, dtype=torch.float64), "disp": 0.0, "conf": 0, "active": 0, "entries": 0},
-        )
-        layer["sq"] += torch.diagonal(gram).cpu()
+        name = layer_name(key, self.layer_depth)
+        if name not in self.layers:
+            zeros = self._zeros(flat)
+            self.layers[name] = {
+                "sq": zeros["nonzero"],
+                "disp": zeros["dispersion"],
+                "conf": zeros["conflicts"],
+                "active": zeros["active"],
+                "entries": 0,
+            }
+        layer = self.layers[name]
+        layer["sq"] += torch.diagonal(gram)
         layer["disp"] += disp
         layer["conf"] += n_conf
         layer["active"] += n_active
         layer["entries"] += flat.shape[1]
 
     def result(self) -> TaskVectorStats:
-        norms = torch.diagonal(self.gram).clamp_min(0).sqrt()
+        sums = self._zeros(self.w.new_zeros(())) if self.sums is None else self.sums
+        # The summary is K-sized: one copy to the CPU, then plain floats and CPU tensors.
+        host = {name: v.cpu() for name, v in sums.items()}
+        layers = {
+            n: {s: v.cpu() if isinstance(v, Tensor) else v for s, v in layer.items()} for n, layer in self.layers.items()
+        }
+        gram = host["gram"]
+        norms = torch.diagonal(gram).clamp_min(0).sqrt()
         denom = norms.unsqueeze(1) * norms.unsqueeze(0)
-        cosine = torch.where(denom > 0, self.gram / denom.clamp_min(1e-300), torch.zeros_like(denom)).clamp(-1, 1)
-        pairwise = torch.where(
-            self.both_nonzero > 0, self.opposite / self.both_nonzero.clamp_min(1), torch.zeros_like(self.opposite)
-        )
+        cosine = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(denom)).clamp(-1, 1)
+        both, opposite = host["both_nonzero"], host["opposite"]
+        pairwise = torch.where(both > 0, opposite / both.clamp_min(1), torch.zeros_like(opposite))
+        active = int(host["active"])
         return TaskVectorStats(
-            weights=self.w.clone(),
+            weights=self.w.cpu().clone(),
             norms=norms,
-            gram=self.gram,
+            gram=gram,
             cosine=cosine,
-            dispersion=self.dispersion,
-            sign_conflict=self.conflicts / self.active if self.active else 0.0,
+            dispersion=float(host["dispersion"]),
+            sign_conflict=int(host["conflicts"]) / active if active else 0.0,
             pairwise_sign_conflict=pairwise,
-            density=self.nonzero / max(self.entries, 1),
+            density=host["nonzero"] / max(self.entries, 1),
             num_entries=self.entries,
-            layer_norms={n: v["sq"].sqrt() for n, v in self.layers.items()},
-            layer_dispersion={n: v["disp"] for n, v in self.layers.items()},
-            layer_sign_conflict={n: v["conf"] / v["active"] if v["active"] else 0.0 for n, v in self.layers.items()},
-            layer_entries={n: v["entries"] for n, v in self.layers.items()},
+            layer_norms={n: v["sq"].sqrt() for n, v in layers.items()},
+            layer_dispersion={n: float(v["disp"]) for n, v in layers.items()},
+            layer_sign_conflict={
+                n: int(v["conf"]) / int(v["active"]) if int(v["active"]) else 0.0 for n, v in layers.items()
+            },
+            layer_entries={n: v["entries"] for n, v in layers.items()},
         )
+
+
+def _device(state: Mapping[str, Tensor]) -> torch.device | None:
+    """The device of a state dict's first tensor (None for an empty one)."""
+    return next((v.device for v in state.values()), None)
 
 
 def _stacked_task_vectors(
@@ -378,7 +418,7 @@ def task_vector_stats(
     experts = list(experts)
     if check:
         check_compatible(experts, base)
-    acc = _Accumulator(normalized_weights(weights, len(experts)), layer_depth)
+    acc = _Accumulator(normalized_weights(weights, len(experts), _device(base)), layer_depth)
     for key, tau, deviation in _stacked_task_vectors(experts, base, mergeable_keys(base)):
         acc.add(key, tau, deviation)
     return acc.result()
@@ -434,12 +474,12 @@ def sparsified_task_vector_stats(
     thresholds = None
     if method == "ties" and scope == "global" and density < 1.0:
         thresholds = global_magnitude_thresholds(experts, base, keys, density)
-    acc = _Accumulator(normalized_weights(weights, len(experts)), layer_depth)
+    acc = _Accumulator(normalized_weights(weights, len(experts), _device(base)), layer_depth)
     for key, tau, _ in _stacked_task_vectors(experts, base, keys):
         if method == "ties":
             sparse = tau if density >= 1.0 else trim_to_density(tau, density, thresholds)
         else:
-            sparse = dare_drop(tau, drop_rate, entry_generator(seed, key))
+            sparse = dare_drop(tau, drop_rate, entry_generator(seed, key, tau.device))
         acc.add(key, sparse, sparse - sparse[:1])
     return acc.result()
 

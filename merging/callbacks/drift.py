@@ -85,7 +85,7 @@ class ExpertDriftStopper(Callback):
             stage: the trainer's stage.
 
         Raises:
-            TypeError: the module does not satisfy :class:`HasExperts`.
+            TypeError: the module is not a :class:`HasExperts`.
         """
         if stage == "fit" and not isinstance(pl_module, HasExperts):
             raise TypeError(

@@ -54,7 +54,7 @@ class MLossMonitor(Callback):
 
     What is measured:
 
-    - a module satisfying :class:`~merging.modules.protocols.HasExperts` (K experts trained
+    - a :class:`~merging.modules.protocols.HasExperts` module (K experts trained
       jointly): its live experts against each other, on ``pl_module.skeleton``, with
       ``base_state_dict()`` as θ₀, inputs from ``pl_module.batch_inputs(batch)``;
     - any other ``LightningModule``: its current weights against a snapshot taken at the

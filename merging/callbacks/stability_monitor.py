@@ -82,7 +82,8 @@ class StabilityMonitor(Callback):
     param group gets its own η_j. b_t is the samples of the accumulated batches of the step
     (``batch_size_fn``, by default Lightning's ``extract_batch_size``) times the world size.
     ‖g_t‖ is read in ``on_before_optimizer_step``, after backward and gradient unscaling
-    (mixed precision), before clipping. The update θ_{t+1} − θ_t is the change between two
+    (mixed precision), before clipping. A step that a gradient scaler (16-mixed) skips because
+    the gradient is not finite is not a step: it records no η_t, ‖g_t‖ or update. The update θ_{t+1} − θ_t is the change between two
     consecutive optimizer steps, floating buffers (BatchNorm statistics) included, so the path
     length bounds ‖τ‖ by the triangle inequality. Parameters of a single model that are frozen
     (``requires_grad=False``) when fit starts are left out. With several optimizers stepping in one
@@ -353,6 +354,10 @@ class StabilityMonitor(Callback):
             for group in optimizer.param_groups
             for p in group["params"]
         }
+        # With a gradient scaler (16-mixed), a non-finite gradient makes the scaler skip this
+        # optimizer's step: then none of the models it holds records a step.
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        stepped: list[int] = []
         for j, model in enumerate(self.models(pl_module)):
             weighted_lr, numel, grads = 0.0, 0, []
             for tensor in model.values():
@@ -368,6 +373,10 @@ class StabilityMonitor(Callback):
             if numel:
                 self._pending_lr[j] = weighted_lr / numel
                 self._pending_grad[j] = global_norm(grads)
+                stepped.append(j)
+        if scaled and not all(math.isfinite(self._pending_grad[j]) for j in stepped):
+            for j in stepped:
+                del self._pending_lr[j], self._pending_grad[j]
 
     @override
     def on_train_batch_end(

@@ -47,16 +47,25 @@ MIN_ENTRIES = 1 << 20
 the torch path is as fast, and importing numba and loading the compiled loops (0.5–0.9 s
 in a new process) would dominate."""
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+"""Tensor types whose memory numpy reads (subclasses may hold no data: fake, meta-like)."""
+
 _enabled = _HAVE_NUMBA and os.environ.get("MERGING_NO_NUMBA", "") in ("", "0")
 
 
 def available(tensors: Sequence[Tensor], total: int | None = None) -> bool:
-    """Whether the kernels apply: numba present and enabled, every tensor a CPU float32, and
-    (when ``total``, the entries per expert of the whole merge, is given) a merge of at least
-    :data:`MIN_ENTRIES` entries."""
+    """The one dispatch between the kernels and the torch path: whether the kernels apply.
+
+    They do when numba is present and enabled, every tensor is a plain CPU float32 tensor
+    (not a subclass such as a fake or distributed tensor, whose data numpy cannot read), and
+    (when ``total``, the entries per expert of the whole merge, is given) the merge has at
+    least :data:`MIN_ENTRIES` entries. Tensors on any other device take the torch path.
+    """
     if total is not None and total < MIN_ENTRIES:
         return False
-    return _enabled and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    return _enabled and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and type(t) in _PLAIN for t in tensors
+    )
 
 
 @contextlib.contextmanager

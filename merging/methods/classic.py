@@ -5,6 +5,15 @@ vectors τ_j = θ_j − θ₀, merge weights w_j, scaling λ. The per-tensor ste
 functions on stacked tensors ``(K, *shape)`` named after the papers (``trim_to_density``,
 ``elect_sign``, ``disjoint_mean``, ``dare_drop``); the classes only choose and combine them.
 
+Devices: every tensor made here takes its device from the inputs, and a merge returns its
+output on the input device. The result is the same on every device up to float rounding
+(reductions may sum in another order), except DARE's masks: a CUDA generator (Philox) draws
+other numbers than a CPU one (Mersenne Twister) from the same seed, so the same seed gives
+the same masks on the same device type, not across device types. CPU float32 TIES of large
+models runs fused numba kernels (:mod:`merging.methods._kernels`, one dispatch:
+:func:`~merging.methods._kernels.available`); every other device and dtype takes the torch
+path, which computes the same thing.
+
 Papers:
     - Model soups, Wortsman et al., ICML 2022: https://arxiv.org/abs/2203.05482
     - Task arithmetic, Ilharco et al., ICLR 2023: https://arxiv.org/abs/2212.04089
@@ -135,7 +144,7 @@ def ties_disjoint_merge(tau: Tensor, thresholds: Tensor) -> Tensor:
         The merged task vector, shape ``(*shape)``.
     """
     flat = tau.reshape(tau.shape[0], -1)
-    smallest = torch.nextafter(torch.zeros((), dtype=flat.dtype), torch.ones((), dtype=flat.dtype))
+    smallest = torch.nextafter(flat.new_zeros(()), flat.new_ones(()))
     # Thresholds of at least the smallest subnormal: a kept entry is never zero.
     floor = thresholds.to(flat.dtype).clamp(min=smallest).unsqueeze(1)
     work = flat.abs()
@@ -157,21 +166,30 @@ def dare_drop(tau: Tensor, drop_rate: float, generator: torch.Generator) -> Tens
     Args:
         tau: ``(K, *shape)`` task vectors.
         drop_rate: p in [0, 1).
-        generator: the random source (CPU generator; the mask is drawn on the CPU).
+        generator: the random source, on ``tau``'s device (:func:`entry_generator`): the
+            mask is drawn there, so the same seed gives the same mask on the same device
+            type (CPU and CUDA generators draw different numbers).
 
     Returns:
         Same shape as ``tau``.
     """
     if drop_rate == 0:
         return tau
-    keep = torch.rand(tau.shape, generator=generator) >= drop_rate
-    return tau * keep.to(tau.device) / (1.0 - drop_rate)
+    keep = torch.rand(tau.shape, generator=generator, device=tau.device) >= drop_rate
+    return tau * keep / (1.0 - drop_rate)
 
 
-def entry_generator(seed: int, key: str) -> torch.Generator:
+def entry_generator(seed: int, key: str, device: torch.device | str | None = None) -> torch.Generator:
     """A generator seeded by (seed, key): the same entry gets the same draw whatever the
-    order or subset of entries merged (streamed merges, two-pass global methods)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+    order or subset of entries merged (streamed merges, two-pass global methods).
+
+    Args:
+        seed: the method's seed.
+        key: the state-dict key.
+        device: where the draws are made (the task vectors' device); None: the CPU.
+    """
+    generator = torch.Generator(device=device) if device is not None else torch.Generator()
+    return generator.manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
 
 
 # --------------------------------------------------------- global threshold, streamed
@@ -221,13 +239,16 @@ def global_magnitude_thresholds(
         sample_target: about how many sampled entries per expert bracket the threshold.
 
     Returns:
-        ``(K,)`` float32 thresholds (``+inf`` when nothing is kept).
+        ``(K,)`` float32 thresholds (``+inf`` when nothing is kept), on the device of the
+        first key's base tensor (every tensor made here is; torch's default device when ``keys``
+        is empty).
     """
     num_experts = len(experts)
+    device = base[keys[0]].device if keys else None
     total = sum(base[key].numel() for key in keys)
     n = keep_count(total, density)
     if n == 0 or total == 0:
-        return torch.full((num_experts,), math.inf)
+        return torch.full((num_experts,), math.inf, device=device)
 
     def magnitudes(key: str, flats: list[Tensor], flat_base: Tensor, start: int, stop: int, out: Tensor) -> Tensor:
         """|τ| of entries [start, stop) of one entry as float32 ``(K, stop − start)``."""
@@ -245,19 +266,19 @@ def global_magnitude_thresholds(
         return tau.abs_().float()
 
     lo, hi = _sample_bracket(experts, base, keys, n, total, sample_target if transform is None else 0)
-    thresholds = torch.empty(num_experts)
+    thresholds = torch.empty(num_experts, device=device)
     misses = [False] * num_experts
     pending = list(range(num_experts))
     while pending:
-        rows = torch.tensor(pending)
+        rows = torch.tensor(pending, device=device)
         lo_p, hi_p = lo[rows, None], hi[rows, None]
-        above = torch.zeros(len(pending), dtype=torch.float64)
+        above = torch.zeros(len(pending), dtype=torch.float64, device=device)
         inside: list[list[Tensor]] = [[] for _ in pending]
         for key in keys:
             if transform is None and _kernels.available([base[key]], total):
                 values = [experts[j][key] for j in pending]
                 if _kernels.available(values):  # one fused pass (numba)
-                    counts, members = _kernels.scan_bracket(values, base[key], lo[rows], hi[rows])
+                    counts, members = _kernels.scan_bracket(values, base[key], lo[rows], hi[rows])  # CPU
                     above += counts
                     for row, found in enumerate(members):
                         if found.numel():
@@ -267,8 +288,8 @@ def global_magnitude_thresholds(
             flats = [e[key].reshape(-1) for e in experts]
             numel = flat_base.numel()
             step = _THRESHOLD_CHUNK if transform is None else numel
-            buffer = torch.empty(num_experts, min(step, numel))
-            scratch = torch.empty(len(pending), min(step, numel))
+            buffer = flat_base.new_empty(num_experts, min(step, numel), dtype=torch.float32)
+            scratch = flat_base.new_empty(len(pending), min(step, numel), dtype=torch.float32)
             for start in range(0, numel, step):
                 stop = min(start + step, numel)
                 a = magnitudes(key, flats, flat_base, start, stop, buffer[:, : stop - start])
@@ -281,7 +302,7 @@ def global_magnitude_thresholds(
                         inside[row].append(values)
         still = []
         for row, j in enumerate(pending):
-            cand = torch.cat(inside[row]) if inside[row] else torch.empty(0)
+            cand = torch.cat(inside[row]) if inside[row] else torch.empty(0, device=device)
             r = n - int(above[row])
             if 1 <= r <= cand.numel():
                 thresholds[j] = torch.kthvalue(cand, cand.numel() - r + 1).values
@@ -311,6 +332,7 @@ def _sample_bracket(
     sample is every ``period``-th run of :data:`_SAMPLE_RUN` consecutive entries, so it reads
     a small fraction of memory. Without a sample (small models): [0, +inf]."""
     num_experts = len(experts)
+    device = base[keys[0]].device if keys else None
     run = _SAMPLE_RUN
     period = (total // sample_target) * run if sample_target > 0 else 0
     pieces = []
@@ -327,13 +349,13 @@ def _sample_bracket(
             pieces.append(tau.abs_().reshape(num_experts, -1).float())
     m = sum(p.shape[1] for p in pieces)
     if m < 2 * run:
-        return torch.zeros(num_experts), torch.full((num_experts,), math.inf)
+        return torch.zeros(num_experts, device=device), torch.full((num_experts,), math.inf, device=device)
     sample = torch.cat(pieces, dim=1)
     q = 1.0 - n / total
     margin = 4.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
     lo_rank, hi_rank = math.floor((q - margin) * m), math.ceil((q + margin) * m)
-    lo = torch.zeros(num_experts)
-    hi = torch.full((num_experts,), math.inf)
+    lo = torch.zeros(num_experts, device=device)
+    hi = torch.full((num_experts,), math.inf, device=device)
     ranks = [(rank, out) for rank, out in ((lo_rank, lo), (hi_rank, hi)) if 1 <= rank <= m]
     # Select the two order statistics within a coarse bracket from every 16th sample
     # (selection costs about 25 ns an entry: the full sample would cost more than the pass).
@@ -341,8 +363,8 @@ def _sample_bracket(
     mc = coarse.shape[1]
     wide = 6.0 * math.sqrt(max(q * (1 - q), 1.0 / mc) / mc) + 2.0 / mc + margin
     c_lo_rank, c_hi_rank = math.floor((q - wide) * mc), math.ceil((q + wide) * mc)
-    c_lo = coarse.kthvalue(c_lo_rank, dim=1).values if c_lo_rank >= 1 else torch.full((num_experts,), -math.inf)
-    c_hi = coarse.kthvalue(c_hi_rank, dim=1).values if c_hi_rank <= mc else torch.full((num_experts,), math.inf)
+    c_lo = coarse.kthvalue(c_lo_rank, dim=1).values if c_lo_rank >= 1 else torch.full_like(lo, -math.inf)
+    c_hi = coarse.kthvalue(c_hi_rank, dim=1).values if c_hi_rank <= mc else torch.full_like(lo, math.inf)
     for j, row in enumerate(sample):
         within = row[(row >= c_lo[j]) & (row <= c_hi[j])]
         below = int(torch.lt(row, c_lo[j]).sum())
@@ -377,7 +399,7 @@ def _bracket_members(a: Tensor, lo: Tensor, hi: Tensor, scratch: Tensor) -> list
     cand = a[:, :full].reshape(-1, _BRACKET_BLOCK).index_select(0, hit)
     cand_rows = hit // blocks.shape[1]
     mask = (cand >= lo[cand_rows]) & (cand <= hi[cand_rows])
-    counts = torch.zeros(rows, dtype=torch.long).index_add_(0, cand_rows, mask.sum(dim=1))
+    counts = torch.zeros(rows, dtype=torch.long, device=a.device).index_add_(0, cand_rows, mask.sum(dim=1))
     members = cand[mask].split(counts.tolist())
     if full == width:
         return list(members)
@@ -418,13 +440,14 @@ class WeightAveraging(MergeMethod):
             return None
         if len(self.weights) != len(experts):
             raise ValueError(f"average: {len(self.weights)} weights given for {len(experts)} experts")
-        w = torch.tensor(self.weights, dtype=torch.float64)
+        ref = next((v for v in experts[0].values() if is_mergeable(v)), None)
+        w = torch.tensor(self.weights, dtype=torch.float64, device=ref.device if ref is not None else None)
         return w / w.sum()
 
     def merge_tensor(self, key: str, experts: Tensor, base: Tensor | None, context: Tensor | None) -> Tensor:
         if context is None:
             return experts.mean(dim=0)
-        w = context.to(experts.dtype).reshape(-1, *([1] * (experts.dim() - 1)))
+        w = context.to(device=experts.device, dtype=experts.dtype).reshape(-1, *([1] * (experts.dim() - 1)))
         return (experts * w).sum(dim=0)
 
 
@@ -507,7 +530,7 @@ class TiesMerging(MergeMethod):
             if _kernels.available(values):
                 thresholds = context["thresholds"]
                 if self.density >= 1.0:
-                    thresholds = torch.zeros(len(values))
+                    thresholds = base.new_zeros(len(values))
                 elif thresholds is None:  # tensor scope: this entry's exact top-k threshold
                     thresholds = global_magnitude_thresholds(
                         [{key: v} for v in values], {key: base}, [key], self.density
@@ -532,8 +555,10 @@ class Dare(TiesMerging):
 
     Args:
         drop_rate: p, in [0, 1).
-        seed: seed of the drop masks (an int >= 0); each entry's mask depends only on (seed, key), so a
-            merge is repeatable whatever the order in which entries are visited.
+        seed: seed of the drop masks (an int >= 0); each entry's mask depends only on (seed, key)
+            and is drawn on the task vectors' device, so a merge is repeatable whatever the order
+            in which entries are visited, on the same device type (CPU and CUDA generators draw
+            different masks from one seed).
         combine: ``"task_arithmetic"``: θ₀ + λ Σ_j τ̃_j; ``"ties"``: TIES on τ̃ (trim at
             ``density``, elect, disjoint mean; the M-Loss authors' DARE baseline is
             ``density=1.0``, no trim).
@@ -567,7 +592,7 @@ class Dare(TiesMerging):
         self.combine = combine
 
     def sparsify(self, key: str, tau: Tensor) -> Tensor:
-        return dare_drop(tau, self.drop_rate, entry_generator(self.seed, key))
+        return dare_drop(tau, self.drop_rate, entry_generator(self.seed, key, tau.device))
 
     def chunk_size(self) -> None:
         # One draw per whole entry, so the masks do not depend on slicing.

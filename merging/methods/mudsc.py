@@ -7,6 +7,11 @@ Units of N models are matched on ``S = α·S_w + (1 − α)·S_a``, a balance of
 activation-space similarity, by coordinate descent over the network's permutation nodes
 (:mod:`merging.alignment`), then the weights are permuted (align) or zipped (zip) and
 averaged, and the BatchNorm statistics are re-estimated on the data.
+
+Devices: the activation statistics and the transformed weights are computed on the experts'
+device (the data batches are moved there); the matching itself (Hungarian assignments,
+ZipIt's greedy merges on the O×O similarity matrices of each node) runs on the CPU, where
+scipy's solver does.
 """
 
 from __future__ import annotations

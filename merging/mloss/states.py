@@ -22,13 +22,16 @@ from merging.state import StateDictError, accumulation_dtype, is_mergeable
 def merge_weights(weights: Sequence[float] | Tensor | None, num_experts: int) -> Tensor:
     """α: uniform 1/K, or the given weights checked to be K finite values summing to 1.
 
+    α is configuration read as Python scalars (``alpha.tolist()``), so it is kept on the CPU
+    whatever the experts' device: no device-to-host copy each time it is read.
+
     Raises:
         ValueError: wrong length, non-finite values, or a sum other than 1 (the merged
             model is then not an affine combination, and identical experts would not give 0).
     """
     if weights is None:
-        return torch.full((num_experts,), 1.0 / num_experts, dtype=torch.float64)
-    alpha = torch.as_tensor(weights, dtype=torch.float64).flatten()
+        return torch.full((num_experts,), 1.0 / num_experts, dtype=torch.float64, device="cpu")
+    alpha = torch.as_tensor(weights, dtype=torch.float64, device="cpu").flatten()
     if alpha.numel() != num_experts:
         raise ValueError(f"M-Loss: {alpha.numel()} merge weights given for {num_experts} experts")
     if not bool(torch.isfinite(alpha).all()):

@@ -53,7 +53,15 @@ def ensemble_features(skeleton: nn.Module, stacked: StateDict, x: Tensor) -> Ten
 
 
 class _BundleEvalModule(pl.LightningModule):
-    """Loads a bundle in ``setup`` and reports per-task and mean accuracy of ``features``."""
+    """Loads a bundle in ``setup`` and reports per-task and mean accuracy of ``features``.
+
+    ``setup`` runs before Lightning moves the module to its device, so it only reads the
+    bundle and builds the skeleton, heads and metrics (submodules: Lightning moves them).
+    The states evaluated (stacked experts, merges) are computed once on :attr:`device`, when
+    an evaluation starts (``on_validation_start``, ``on_test_start``, ``on_predict_start``)
+    or at their first use outside a Trainer: the experts are copied there from the bundle,
+    and nothing goes back to the CPU but what a file needs.
+    """
 
     def __init__(self, experts: str, report_ensemble: bool) -> None:
         super().__init__()
@@ -64,6 +72,9 @@ class _BundleEvalModule(pl.LightningModule):
         self.skeleton: nn.Module | None = None
         self.heads: nn.ModuleList | None = None
         self._states: dict[str, StateDict] = {}
+        self._experts: list[StateDict] = []
+        self._base: StateDict | None = None
+        self._prepared = False
         self.results: dict[str, float] = {}
 
     def setup(self, stage: str) -> None:
@@ -85,19 +96,44 @@ class _BundleEvalModule(pl.LightningModule):
                 for kind in self._kinds()
             }
         )
-        self._states = {"experts": stack_states(self.bundle.experts)}
-        self.prepare_states()
+
+    def _prepare(self) -> None:
+        """Compute the evaluated states on the module's device (once). The device copies of
+        the experts and base live only while :meth:`prepare_states` runs."""
+        if self._prepared:
+            return
+        device = self.device
+        self._experts = [{k: v.to(device) for k, v in e.items()} for e in self.bundle.experts]
+        self._base = {k: v.to(device) for k, v in self.bundle.base.items()}
+        try:
+            if self.report_ensemble:
+                self._states["experts"] = stack_states(self._experts)
+            self.prepare_states()
+        finally:
+            self._experts, self._base = [], None
+        self._prepared = True
+
+    def on_validation_start(self) -> None:
+        self._prepare()
+
+    def on_test_start(self) -> None:
+        self._prepare()
+
+    def on_predict_start(self) -> None:
+        self._prepare()
 
     def _kinds(self) -> list[str]:
         return ["model", "ensemble"] if self.report_ensemble else ["model"]
 
     def prepare_states(self) -> None:
-        """Compute what :meth:`features` evaluates (merge the experts, pick members)."""
+        """Compute what :meth:`features` evaluates (merge the experts, pick members) from
+        ``self._experts`` and ``self._base``, which are on :attr:`device`."""
 
     def features(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _state(self, name: str) -> StateDict:
+        self._prepare()
         state = self._states[name]
         first = next(iter(state.values()))
         if first.device != self.device:
@@ -163,15 +199,19 @@ class EnsembleModule(_BundleEvalModule):
         bad = [j for j in members if not 0 <= j < k]
         if bad or not members:
             raise ValueError(f"members {self.members} must be non-empty indices in [0, {k})")
-        self._states["members"] = stack_states([self.bundle.experts[j] for j in members])
+        self._states["members"] = stack_states([self._experts[j] for j in members])
 
     def features(self, x: Tensor) -> Tensor:
         return ensemble_features(self.skeleton, self._state("members"), x)
 
 
 class MergedModule(_BundleEvalModule):
-    """Merges the experts' backbones with any registered method in ``setup``, then
-    evaluates per task with each task's head and reports the gap to the ensemble.
+    """Merges the experts' backbones with any registered method, then evaluates per task
+    with each task's head and reports the gap to the ensemble.
+
+    The merge (and the λ search) runs once, when the first evaluation starts, after Lightning
+    has placed the module: on :attr:`device` (the GPU in a GPU run). Only the file written
+    to ``save_path`` is copied to the CPU.
 
     Data-dependent methods get the model skeleton and the datamodule's
     ``unlabeled_dataloader(num_samples, seed)``.
@@ -251,7 +291,7 @@ class MergedModule(_BundleEvalModule):
 
     def _merge(self, method: MergeMethod) -> tuple[StateDict, float]:
         start = time.perf_counter()
-        merged = method.merge(self.bundle.experts, self.bundle.base, model=self.skeleton, data=self.unlabeled_data())
+        merged = method.merge(self._experts, self._base, model=self.skeleton, data=self.unlabeled_data())
         return merged, time.perf_counter() - start
 
     def _validation_loaders(self) -> list:
@@ -273,8 +313,9 @@ class MergedModule(_BundleEvalModule):
         computed on this rank alone: no collective)."""
         accs = []
         for t, loader in enumerate(loaders):
-            metric = MulticlassAccuracy(num_classes=self.bundle.num_classes[t], sync_on_compute=False)
+            metric = MulticlassAccuracy(num_classes=self.bundle.num_classes[t], sync_on_compute=False).to(self.device)
             for x, y in loader:
+                x, y = x.to(self.device), y.to(self.device)
                 metric.update(self.heads[t](functional_call(self.skeleton, merged, (x,))), y)
             accs.append(float(metric.compute()))
         return sum(accs) / len(accs)

@@ -24,6 +24,7 @@ from merging._validation import check_float, check_int, check_int_list, check_st
 from merging.bundle import ExpertBundle
 from merging.io import load_state_dict, save_state_dict
 from merging.models import build_backbone
+from merging.modules.protocols import HasExperts
 from merging.state import StateDict
 
 
@@ -177,10 +178,10 @@ class PretrainModule(_TaskModule):
             rank_zero_info(f"pretrained backbone written to {self.export_path}")
 
 
-class MultiExpertModule(_TaskModule):
+class MultiExpertModule(_TaskModule, HasExperts):
     """K experts fine-tuned jointly from one base θ₀: expert t on task t, each with its head.
 
-    This is where callbacks see every expert live: the module satisfies
+    This is where callbacks see every expert live: the module is a
     :class:`merging.modules.protocols.HasExperts`.
 
     Args:

@@ -66,8 +66,8 @@ class _GeluNet(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5)
 
 
-class _JointExperts(LightningModule):
-    """``num_experts`` experts fine-tuned jointly from one frozen base (satisfies
+class _JointExperts(LightningModule, HasExperts):
+    """``num_experts`` experts fine-tuned jointly from one frozen base (a
     HasExperts); ``skeleton_forwards`` counts the forwards run on the base skeleton."""
 
     def __init__(self, num_experts: int = 2) -> None:

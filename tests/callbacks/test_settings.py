@@ -17,9 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from merging.callbacks import ExpertDriftStopper, MLossMonitor, StabilityMonitor
+from merging.modules.protocols import HasExperts
 
 
-class _Experts(LightningModule):
+class _Experts(LightningModule, HasExperts):
     """Two experts of Linear -> ReLU -> Linear fine-tuned from one frozen base; counts its
     training steps."""
 

@@ -266,7 +266,7 @@ def test_drift_ratios():
 # ----------------------------------------------------------------- several experts
 
 
-class Experts(LightningModule):
+class Experts(LightningModule, HasExperts):
     """K linear experts in a ModuleList, each in its own param group (own lr)."""
 
     def __init__(self, lrs=(0.1, 0.1, 0.1), seed=0):

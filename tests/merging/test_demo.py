@@ -25,3 +25,14 @@ def test_demo_writes_its_table_and_chooses_lambda_on_validation(tmp_path):
     assert len(chosen) == 2 and all(min(abs(c - g) for g in grid) < 1e-6 for c in chosen)
     ta = next(e for e in summary if e["model"] == "task_arithmetic (λ on val)")
     assert "vs_average" in ta and "vs_average" not in next(e for e in summary if e["model"] == "average")
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_demo_runs_on_the_gpu(tmp_path):
+    summary = demo.main(
+        ["--seeds", "0", "--pretrain-epochs", "1", "--expert-epochs", "1", "--neulig-epochs", "1",
+         "--methods", "average", "ties", "dare", "mties", "mudsc", "--accelerator", "gpu", "--out", str(tmp_path)]
+    )
+    assert {"ensemble", "ties", "ties (λ on val)", "mudsc", "neulig (merged)"} <= {e["model"] for e in summary}
+    assert (tmp_path / "different_init.json").is_file()

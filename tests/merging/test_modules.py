@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from torch import nn
 from torch.func import functional_call
 
 from merging.datamodules import DigitsTasks
@@ -52,6 +53,35 @@ def test_multi_expert_module_satisfies_has_experts():
     assert torch.equal(states[0]["layers.0.weight"], module.experts[0].layers[0].weight)
     batch = {"a": (torch.zeros(3, 64), torch.zeros(3)), "b": (torch.ones(2, 64), torch.zeros(2))}
     assert module.batch_inputs(batch).shape == (5, 64)
+
+
+def test_has_experts_is_an_explicit_contract():
+    """Detection by class, not by attribute lookup: a runtime Protocol cannot see an
+    ``nn.Module`` submodule such as ``skeleton`` on Python >= 3.12."""
+
+    class Lookalike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.skeleton = nn.Linear(2, 2)
+
+        def expert_state_dicts(self):
+            return [self.skeleton.state_dict()]
+
+        def base_state_dict(self):
+            return self.skeleton.state_dict()
+
+        def batch_inputs(self, batch):
+            return batch
+
+    assert not isinstance(Lookalike(), HasExperts)  # the methods alone do not make it one
+    HasExperts.register(Lookalike)  # a class that cannot subclass declares it
+    assert isinstance(Lookalike(), HasExperts)
+
+    class Incomplete(nn.Module, HasExperts):
+        pass
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()
 
 
 def test_single_member_ensemble_is_the_expert(bundle_dir):
