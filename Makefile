@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m merging.demo
+	$(PY) -m merging.experiments.demo
 
 test: setup
 	$(PY) -m pytest -q $(XDIST)

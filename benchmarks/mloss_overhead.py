@@ -61,7 +61,7 @@ from merging.callbacks.mloss_monitor import DEFAULT_EVERY_N_TRAIN_STEPS
 from merging.io import write_text_atomic
 from merging.mloss import find_activation_layers, m_loss
 from merging.models import MLP, SmallCNN
-from merging.scenarios import add_hardware_arguments
+from merging.experiments.trainers import add_hardware_arguments
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mloss_overhead.md"
 PERIOD = DEFAULT_EVERY_N_TRAIN_STEPS

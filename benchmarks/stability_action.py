@@ -45,7 +45,7 @@ from merging.io import write_text_atomic  # noqa: E402
 from merging.methods import get_method  # noqa: E402
 from merging.models import build_backbone  # noqa: E402
 from merging.modules.protocols import HasExperts  # noqa: E402
-from merging.scenarios import add_hardware_arguments  # noqa: E402
+from merging.experiments.trainers import add_hardware_arguments  # noqa: E402
 from merging.stability import task_vector_stats  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

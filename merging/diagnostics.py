@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from merging.io import write_atomic, write_text_atomic
 from merging.methods import get_method
 from merging.models import build_backbone
-from merging.stability import train_sgd
+from merging.experiments.training import train_sgd
 from merging.state import StateDict, check_compatible, is_mergeable
 
 log = logging.getLogger(__name__)

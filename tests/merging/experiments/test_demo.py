@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from merging import demo
+from merging.experiments import demo
 
 
 @pytest.mark.slow

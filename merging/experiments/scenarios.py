@@ -50,6 +50,7 @@ from merging.alignment import (
     merge_state_dicts,
 )
 from merging.alignment.apply import batchnorm_modules, reset_batchnorm
+from merging.experiments.trainers import add_hardware_arguments, quiet_trainer
 from merging.io import write_text_atomic
 from merging.report import accuracy_table, summarise
 from merging.methods import get_method
@@ -203,40 +204,6 @@ def task_accuracy(
         correct += int((logits.argmax(1) == y).sum())
         total += y.numel()
     return correct / total
-
-
-def quiet_trainer(accelerator: str = "cpu", devices: int | str = 1, **kwargs: Any) -> pl.Trainer:
-    """A Trainer with no logger, checkpoints, progress bar or summary (scripted runs).
-
-    Args:
-        accelerator: Lightning's accelerator (``"cpu"``, ``"gpu"``, ``"auto"``, ...).
-        devices: Lightning's devices.
-        **kwargs: any other ``Trainer`` argument.
-    """
-    return pl.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
-
-
-def add_hardware_arguments(parser: Any) -> None:
-    """``--accelerator`` (default ``auto``: a GPU where one is found) and ``--devices`` (default 1)
-    for the scripts' Trainers (an ``argparse.ArgumentParser``)."""
-    parser.add_argument(
-        "--accelerator", default="auto", help="Lightning accelerator: auto (a GPU where there is one), cpu, gpu, ..."
-    )
-    parser.add_argument(
-        "--devices", type=_devices, default=1, help="Lightning devices: a count, a list such as 0,1, or auto (default 1)"
-    )
-
-
-def _devices(value: str) -> int | str:
-    return int(value) if value.lstrip("-").isdigit() else value
 
 
 def train_different_init_experts(
@@ -415,7 +382,7 @@ def different_init_scenario(
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """``python -m merging.scenarios``: the scenario alone (``make demo`` runs it too)."""
+    """``python -m merging.experiments.scenarios``: the scenario alone (``make demo`` runs it too)."""
     import argparse
     import logging
     import warnings

@@ -20,7 +20,7 @@ from merging.alignment import (
 )
 from merging.methods.mudsc import MuDSC
 from merging.models import MLP, SmallCNN
-from merging.scenarios import (
+from merging.experiments.scenarios import (
     DIFFERENT_INIT_MERGES,
     EXPERTS_LABEL,
     FEATURE_NODE,

@@ -11,11 +11,11 @@ into class groups), per seed:
 
 Prints one table (mean ± sd over seeds) and writes it as CSV, JSON and Markdown, plus a
 plot, to ``runs/demo/``. Then runs the second scenario, experts trained from different
-initialisations (:mod:`merging.scenarios`: averaging vs weight/activation matching vs
+initialisations (:mod:`merging.experiments.scenarios`: averaging vs weight/activation matching vs
 MuDSC), and writes ``different_init.{md,json}`` there (``--skip-different-init`` skips it).
 Every Trainer runs on ``--accelerator`` (default ``auto``: the GPU where one is found) with
 ``--devices`` (default 1); the merges run where the module is placed. Run
-``python -m merging.demo --help`` for the options.
+``python -m merging.experiments.demo --help`` for the options.
 """
 
 from __future__ import annotations
@@ -39,13 +39,14 @@ from rich.table import Table
 
 from merging.callbacks import StabilityMonitor
 from merging.datamodules import DigitsTasks
+from merging.experiments.scenarios import different_init_scenario
+from merging.experiments.trainers import add_hardware_arguments, quiet_trainer
 from merging.io import write_text_atomic
 from merging.methods import available_methods, get_method
 from merging.mloss import m_loss
 from merging.report import accuracy_bars, accuracy_table, summarise
 from merging.stability import task_vector_stats
 from merging.modules import EnsembleModule, MergedModule, MultiExpertModule, NeuLigModule, PretrainModule
-from merging.scenarios import add_hardware_arguments, different_init_scenario, quiet_trainer
 
 #: Hyperparameters of each method in the demo (defaults of the papers unless noted).
 DEMO_METHODS: dict[str, dict[str, Any]] = {
