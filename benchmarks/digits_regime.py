@@ -66,11 +66,11 @@ from torchmetrics.functional.classification import multiclass_accuracy
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from merging.datamodules import DigitsTasks  # noqa: E402
+from merging.experiments.trainers import add_hardware_arguments, quiet_trainer  # noqa: E402
 from merging.io import write_text_atomic  # noqa: E402
 from merging.methods import get_method  # noqa: E402
 from merging.modules import MultiExpertModule, PretrainModule  # noqa: E402
 from merging.modules.evaluate import ensemble_features, stack_states  # noqa: E402
-from merging.experiments.trainers import add_hardware_arguments, quiet_trainer  # noqa: E402
 from merging.stability import task_vector_stats  # noqa: E402
 from merging.state import StateDict  # noqa: E402
 

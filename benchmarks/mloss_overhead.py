@@ -16,7 +16,7 @@
    to indirect effects such as the caches a measurement evicts. Cases:
 
    - **the digits default**: ``MultiExpertModule`` (SmallCNN width 16, K = 4 experts, one
-     per task) on ``DigitsTasks(batch_size=32)``, as ``merging/demo.py`` fine-tunes it;
+     per task) on ``DigitsTasks(batch_size=32)``, as ``merging/experiments/demo.py`` fine-tunes it;
    - a single SmallCNN (measured against its start-of-fit snapshot), batch 32 of 1x16x16;
    - Lightning's ``BoringModel`` (one Linear; only the output is measured).
 
@@ -58,10 +58,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from merging.callbacks import MLossMonitor
 from merging.callbacks.mloss_monitor import DEFAULT_EVERY_N_TRAIN_STEPS
+from merging.experiments.trainers import add_hardware_arguments
 from merging.io import write_text_atomic
 from merging.mloss import find_activation_layers, m_loss
 from merging.models import MLP, SmallCNN
-from merging.experiments.trainers import add_hardware_arguments
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mloss_overhead.md"
 PERIOD = DEFAULT_EVERY_N_TRAIN_STEPS

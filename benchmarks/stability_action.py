@@ -2,7 +2,7 @@
 
 Set-up: the embedded :class:`~merging.datamodules.DigitsTasks` (4 class-group tasks of scikit-learn's
 digits, no download). An MLP backbone is pre-trained briefly on a pretext task (digit parity
-× digit ≥ 5, :func:`merging.diagnostics.pretrain_backbone`) on the tasks' training images;
+× digit ≥ 5, :func:`merging.experiments.diagnostics.pretrain_backbone`) on the tasks' training images;
 then 4 experts (backbone copy + own head) are fine-tuned jointly, each on its own task, with
 SGD (momentum 0.9). Experts 0-2 use lr 0.05; expert 3 uses 10× that, the heterogeneous,
 "over-trained" expert of the L2-stability paper's set-up. Two arms, same seeds:
@@ -40,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from merging.callbacks import ExpertDriftStopper, StabilityMonitor  # noqa: E402
 from merging.datamodules import DigitsTasks  # noqa: E402
-from merging.diagnostics import pretrain_backbone  # noqa: E402
+from merging.experiments.diagnostics import pretrain_backbone  # noqa: E402
+from merging.experiments.trainers import add_hardware_arguments  # noqa: E402
 from merging.io import write_text_atomic  # noqa: E402
 from merging.methods import get_method  # noqa: E402
 from merging.models import build_backbone  # noqa: E402
 from merging.modules.protocols import HasExperts  # noqa: E402
-from merging.experiments.trainers import add_hardware_arguments  # noqa: E402
 from merging.stability import task_vector_stats  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

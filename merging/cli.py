@@ -92,14 +92,15 @@ def convert(argv: Sequence[str]) -> None:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``merging`` script.
 
-    ``merging diagnose ...`` runs :func:`merging.diagnostics.main` (seed 003's analyses);
+    ``merging diagnose ...`` runs :func:`merging.experiments.diagnostics.main` (the analyses of
+    *Rethinking Weight-Averaged Model-merging*, arXiv 2411.09263, on digits);
     ``merging merge ...`` runs :func:`merging.streaming.main` (a streamed merge of
     safetensors files); ``merging convert IN OUT`` turns a torch checkpoint into one
     (:func:`convert`); every other subcommand is LightningCLI's.
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["diagnose"]:
-        from merging.diagnostics import main as diagnose
+        from merging.experiments.diagnostics import main as diagnose
 
         diagnose(argv[1:])
         return

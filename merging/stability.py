@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from merging.methods.classic import dare_drop, entry_generator, global_magnitude_thresholds, trim_to_density
-from merging.state import StateDict, accumulation_dtype, check_compatible, mergeable_keys
+from merging.state import accumulation_dtype, check_compatible, mergeable_keys
 
 # ----------------------------------------------------------------------- small helpers
 

@@ -173,3 +173,56 @@ def test_only_the_mloss_metric_imports_torchmetrics():
         module for module, names in _mloss_imports().items() if any(_within(n, "torchmetrics") for n in names)
     }
     assert importers == {"merging.mloss.metric"}, f"torchmetrics imported by {sorted(importers)}"
+
+
+EXPERIMENTS = "merging.experiments"
+"""The experiment drivers (demo, scenarios, the digits diagnostics runner, their training loops)."""
+
+TRAINER_FACTORY = "merging.experiments.trainers"
+"""``quiet_trainer`` and the scripts' hardware options: for experiment scripts only."""
+
+FACE = "merging.cli"
+"""The one library module that may reach the experiments: ``merging diagnose`` imports the
+digits runner inside its dispatch."""
+
+
+def _importers_of(target: str, *, exempt: set[str]) -> dict[str, list[str]]:
+    _, raw = _import_graph()
+    offenders = {
+        module: sorted(n for n in names if _within(n, target))
+        for module, names in raw.items()
+        if not _within(module, EXPERIMENTS) and module not in exempt
+    }
+    return {module: names for module, names in offenders.items() if names}
+
+
+def test_the_library_does_not_import_the_experiments():
+    offenders = _importers_of(EXPERIMENTS, exempt={FACE})
+    assert not offenders, f"library modules import {EXPERIMENTS}: {offenders}"
+
+
+def test_no_library_module_imports_the_trainer_factory():
+    offenders = _importers_of(TRAINER_FACTORY, exempt=set())
+    assert not offenders, f"library modules import the Trainer factory: {offenders}"
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """The modules ``path`` imports outside any function or class body."""
+    names: set[str] = set()
+    pending = list(ast.parse(path.read_text(), filename=str(path)).body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add(node.module or "")
+        pending.extend(ast.iter_child_nodes(node))
+    return names
+
+
+def test_the_cli_imports_the_experiments_only_inside_its_dispatch():
+    path = _project_modules()[FACE]
+    eager = sorted(n for n in _module_level_imports(path) if _within(n, EXPERIMENTS))
+    assert not eager, f"{FACE} imports {eager} at module level"

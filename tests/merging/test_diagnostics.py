@@ -18,9 +18,7 @@ from merging.diagnostics import (
     greedy_selection,
     greedy_soup,
     magnitude_stability,
-    main,
     minmax,
-    run_diagnostics,
     scale_state,
     template_mosaic,
     weight_template_report,
@@ -246,33 +244,3 @@ def test_minmax_class_means_and_mosaic():
     mosaic = template_mosaic([[torch.zeros(1, 2, 2)] * 3, [torch.zeros(1, 2, 2)]])
     assert mosaic.shape == (1, 6, 9)
     assert float(mosaic[0, 3:5, 3:5].min()) == 1.0  # a missing tile stays white
-
-
-# ---------------------------------------------------------------------- end to end
-
-
-@pytest.mark.slow
-def test_run_diagnostics_and_command_line(tmp_path):
-    result = run_diagnostics(tmp_path / "api", num_models=2, archs=("mlp",), epochs=2, pretrain_epochs=1)
-    for name in (
-        "diagnostics.md",
-        "diagnostics.csv",
-        "weight_vs_feature.png",
-        "magnitude_stability.png",
-        "templates.png",
-    ):
-        assert (tmp_path / "api" / name).is_file()
-    assert set(result.averaging) == {"mlp, shared init", "mlp, independent init"}
-    assert any(r["combination"] == "uniform soup" for r in result.table)
-    assert result.templates.templates.shape == (10, 1, 8, 8)
-    csv_lines = (tmp_path / "api" / "diagnostics.csv").read_text().splitlines()
-    assert csv_lines[0] == "analysis,setting,combination,value" and len(csv_lines) == len(result.table) + 1
-
-    threads = torch.get_num_threads()
-    main(["--out", str(tmp_path / "cli"), "--models", "2", "--archs", "mlp", "--inits", "shared", "--epochs", "1"])
-    assert torch.get_num_threads() == threads  # the run's single-thread setting is undone
-    assert (
-        "| weight vs feature | mlp, shared init | uniform soup |" in (tmp_path / "cli" / "diagnostics.md").read_text()
-    )
-    with pytest.raises(ValueError, match="num_models"):
-        run_diagnostics(tmp_path, num_models=1)
