@@ -75,7 +75,13 @@ class DigitsClassifier(nn.Module):
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.3) -> tuple[TensorDataset, TensorDataset]:
     """scikit-learn's bundled digits (1797 images, no download) as ``(1, 8, 8)`` images in [0, 1],
-    split into (train, test) by a seeded permutation."""
+    split into (train, test) by a seeded permutation, each split in the permutation's order.
+
+    The images and their scaling are those of :class:`~merging.datamodules.DigitsTasks`; its
+    split is not: it always holds out a validation share, draws it before the test share,
+    and sorts each split, which changes the test set and the order SGD sees the samples in
+    (so every number of the diagnostics); this split gives the numbers in the README.
+    """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
