@@ -1,5 +1,6 @@
 """The import graph between the project's modules: no import cycles, and the layers of the
-design hold (M-Loss is a pure measure: no merge methods, no Lightning, no shells).
+design hold (M-Loss is a pure measure: no merge methods, no Lightning, no shells; the
+stability measures and the reports take plain data: no Lightning, no callbacks).
 
 Every module under ``merging/`` is parsed with ``ast`` (nothing is imported); every
 ``import`` statement counts, also those inside functions and ``if TYPE_CHECKING:`` blocks.
@@ -226,3 +227,30 @@ def test_the_cli_imports_the_experiments_only_inside_its_dispatch():
     path = _project_modules()[FACE]
     eager = sorted(n for n in _module_level_imports(path) if _within(n, EXPERIMENTS))
     assert not eager, f"{FACE} imports {eager} at module level"
+
+
+PURE_MUST_NOT_IMPORT = ("lightning", "pytorch_lightning", "merging.callbacks")
+"""The stability measures and the reports work on tensors and plain data; the callbacks call them."""
+
+
+def _stability_and_report_imports() -> dict[str, set[str]]:
+    _, raw = _import_graph()
+    return {
+        module: names
+        for module, names in raw.items()
+        if module == "merging.report" or module.startswith("merging.stability")
+    }
+
+
+def test_the_stability_and_report_modules_are_seen():
+    assert {"merging.stability", "merging.stability_stats", "merging.report"} <= set(_stability_and_report_imports())
+
+
+@pytest.mark.parametrize("forbidden", PURE_MUST_NOT_IMPORT)
+def test_stability_and_reports_import_no_lightning_and_no_callbacks(forbidden):
+    offenders = {
+        module: sorted(n for n in names if _within(n, forbidden))
+        for module, names in _stability_and_report_imports().items()
+    }
+    offenders = {module: names for module, names in offenders.items() if names}
+    assert not offenders, f"{sorted(offenders)} import {forbidden}: {offenders}"

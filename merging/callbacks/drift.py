@@ -17,10 +17,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from merging._validation import check_float, check_int
-from merging.callbacks.stability_monitor import drift_ratios
 from merging.modules.protocols import HasExperts
-from merging.stability import global_norm
-from merging.state import is_mergeable
+from merging.stability_stats import drift_ratios, task_vector_norms
 
 
 class ExpertDriftStopper(Callback):
@@ -95,15 +93,8 @@ class ExpertDriftStopper(Callback):
 
     def drift_ratios(self, pl_module: LightningModule) -> Tensor:
         """‖τ_j‖ / median_{k≠j} ‖τ_k‖ of the module's current experts (K,)."""
-        base = pl_module.base_state_dict()  # type: ignore[attr-defined]
-        norms = torch.tensor(
-            [
-                global_norm([v.detach() - base[k].detach() for k, v in expert.items() if is_mergeable(v)])
-                for expert in pl_module.expert_state_dicts()  # type: ignore[attr-defined]
-            ],
-            dtype=torch.float64,
-        )
-        return drift_ratios(norms)
+        experts = pl_module.expert_state_dicts()  # type: ignore[attr-defined]
+        return drift_ratios(task_vector_norms(experts, pl_module.base_state_dict()))  # type: ignore[attr-defined]
 
     @override
     def on_train_batch_end(

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
@@ -34,10 +33,11 @@ from merging._validation import (
     check_str_list,
     listed,
 )
-from merging.io import load_state_dict, write_atomic
-from merging.mloss import OUTPUT, MLossMeter, MLossReport, as_forward_args, check_state_keys, node_group_map
+from merging.io import load_state_dict
+from merging.mloss import OUTPUT, MLossMeter, MLossReport, as_forward_args, check_state_keys
 from merging.mloss.metric import MLoss
 from merging.modules.protocols import HasExperts
+from merging.report import save_node_map
 from merging.state import StateDict
 
 DEFAULT_EVERY_N_TRAIN_STEPS = 100
@@ -606,49 +606,4 @@ def _preserve_rng(device: torch.device) -> Iterator[None]:
         yield
 
 
-def save_node_map(
-    node: Mapping[str, Tensor],
-    path: str | os.PathLike,
-    *,
-    groups: int = 32,
-    title: str | None = None,
-) -> Path:
-    """Write the node M-Loss map (layers × node groups, log₁₀ colour scale) as a PNG, atomically.
-
-    Uses matplotlib's Agg canvas directly (no pyplot, no global backend change).
-
-    Args:
-        node: ``{layer: node M-Loss (d,)}`` (:attr:`merging.mloss.MLossReport.node`).
-        path: the PNG file.
-        groups: contiguous node groups per layer (:func:`merging.mloss.node_group_map`).
-        title: figure title.
-
-    Returns:
-        The written path.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    names, grid = node_group_map(node, groups)
-    if not names:
-        raise ValueError("save_node_map: no layer to draw")
-    values = grid.numpy()
-    positive = values[values > 0]
-    # Six decades below the largest value are shown; dead nodes (exact zeros) sit at the floor.
-    floor = max(float(positive.min()), float(positive.max()) * 1e-6) if positive.size else 1e-12
-    shown = np.log10(np.maximum(values, floor))
-    fig = Figure(figsize=(max(4.0, 0.2 * groups + 2.5), max(2.0, 0.35 * len(names) + 1.2)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(shown, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_yticks(range(len(names)), labels=names)
-    ax.set_xlabel(f"node group ({groups} contiguous groups per layer)")
-    if title:
-        ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="log10 node M-Loss")
-    path = Path(path)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
-    return path
-
-
-__all__ = ["DEFAULT_EVERY_N_TRAIN_STEPS", "MLossMonitor", "save_node_map"]
+__all__ = ["DEFAULT_EVERY_N_TRAIN_STEPS", "MLossMonitor"]

@@ -33,6 +33,7 @@ from merging._validation import (
 )
 from merging.io import write_atomic, write_text_atomic
 from merging.modules.protocols import HasExperts
+from merging.report import StabilityReportData, sparsifier_label, stability_report_figure, stability_report_markdown
 from merging.stability import (
     TaskVectorStats,
     TrajectoryStats,
@@ -40,6 +41,7 @@ from merging.stability import (
     sparsified_task_vector_stats,
     task_vector_stats,
 )
+from merging.stability_stats import drift_ratios
 from merging.state import is_mergeable
 
 Sparsifier = Literal["ties", "dare"]
@@ -293,7 +295,7 @@ class StabilityMonitor(Callback):
         else:
             frozen = f", {len(self._frozen)} frozen parameter(s) left out" if self._frozen else ""
             what = f"{name} as one model ({entries:,} entries{frozen}) against its weights at the start of fit (θ₀)"
-        sparse = ", ".join(_sparsifier_label(self, n) for n in self.sparsifiers) or "none"
+        sparse = ", ".join(sparsifier_label(n, self.density, self.drop_rate) for n in self.sparsifiers) or "none"
         rank_zero_info(
             f"StabilityMonitor: tracking {what}; step statistics every optimizer step, task-vector statistics "
             f"every {self._every} steps and at each epoch end; sparsified versions: {sparse}."
@@ -456,9 +458,9 @@ class StabilityMonitor(Callback):
         if not self.history or self.history[-1]["step"] != trainer.global_step:
             self._record_history(trainer.global_step, dense)
         out_dir = Path(log_dir or trainer.default_root_dir)
-        markdown = stability_report_markdown(self, dense, sparse)
-        md_path = write_text_atomic(out_dir / f"{self.report_name}.md", markdown)
-        figure = stability_report_figure(self, dense)
+        data = self.report_data(dense, sparse)
+        md_path = write_text_atomic(out_dir / f"{self.report_name}.md", stability_report_markdown(data))
+        figure = stability_report_figure(data)
         write_atomic(out_dir / f"{self.report_name}.png", lambda tmp: figure.savefig(tmp, format="png", dpi=110))
         rank_zero_info(f"StabilityMonitor: merge-friendliness report written to {md_path}")
 
@@ -487,6 +489,27 @@ class StabilityMonitor(Callback):
         if missing:
             raise KeyError(f"StabilityMonitor checkpoint state lacks {sorted(missing)}")
         self._loaded = state_dict
+
+    def report_data(self, dense: TaskVectorStats, sparse: Mapping[str, TaskVectorStats]) -> StabilityReportData:
+        """The measurements and settings the merge-friendliness report shows (a snapshot).
+
+        Args:
+            dense: the task-vector statistics to report.
+            sparse: the same after each sparsifier, by name.
+        """
+        return StabilityReportData(
+            dense=dense,
+            sparse=dict(sparse),
+            trajectories=list(self.trajectories),
+            history=list(self.history),
+            train_loss=self.train_loss,
+            multi_expert=self.multi_expert,
+            track_updates=self.track_updates,
+            drift_factor=self.drift_factor,
+            density=self.density,
+            drop_rate=self.drop_rate,
+            top_layers=self.top_layers,
+        )
 
     # --------------------------------------------------------------------- helpers
 
@@ -619,250 +642,4 @@ def _grad_view(tensor: Tensor, param: Tensor) -> Tensor | None:
     return grad.as_strided(tensor.shape, tensor.stride(), offset)
 
 
-def drift_ratios(norms: Tensor) -> Tensor:
-    """‖τ_j‖ / median_{k≠j} ‖τ_k‖ for K ≥ 2 experts (K,); inf where the peers did not move.
-
-    Args:
-        norms: ‖τ_j‖, shape (K,).
-    """
-    k = norms.numel()
-    if k < 2:
-        raise ValueError("drift ratios need at least two experts")
-    out = torch.empty(k, dtype=torch.float64)
-    for j in range(k):
-        peers = torch.cat([norms[:j], norms[j + 1 :]]).double()
-        median = float(torch.quantile(peers, 0.5))  # the midpoint for an even number of peers
-        out[j] = float(norms[j]) / median if median > 0 else (math.inf if float(norms[j]) > 0 else 1.0)
-    return out
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _deviation_shares(stats: TaskVectorStats) -> Tensor:
-    """w_j‖τ_j − τ̄‖² / D for each expert (K,), from the Gram matrix."""
-    g, w = stats.gram, stats.weights
-    sq = torch.diagonal(g) - 2 * (g @ w) + w @ g @ w
-    contrib = w * sq.clamp_min(0)
-    total = float(contrib.sum())
-    return contrib / total if total > 0 else torch.zeros_like(contrib)
-
-
-def _top_layers(values: Mapping[str, float], n: int) -> list[tuple[str, float]]:
-    return sorted(values.items(), key=lambda kv: kv[1], reverse=True)[:n]
-
-
-def stability_report_markdown(
-    monitor: StabilityMonitor, dense: TaskVectorStats, sparse: Mapping[str, TaskVectorStats]
-) -> str:
-    """The merge-friendliness report as markdown: measurements, then what they show.
-
-    Args:
-        monitor: the monitor whose trajectories, history and training loss are reported.
-        dense: the final task-vector statistics.
-        sparse: the same after each sparsifier, by name.
-    """
-    k = dense.num_experts
-    trajectories = monitor.trajectories
-    multi = monitor.multi_expert and k > 1
-    names = [f"expert {j}" for j in range(k)] if monitor.multi_expert else ["model"]
-    lines = [
-        "# Merge-friendliness report (StabilityMonitor)",
-        "",
-        "Measurements of the fine-tuning trajectory and of the task vectors τ = θ − θ₀"
-        + (
-            " of each expert against the shared base."
-            if monitor.multi_expert
-            else " (θ₀: the weights at the start of fit)."
-        ),
-        "The L2-stability paper's bound, constants and scaling laws are not available: what follows are",
-        "measurements, read against the standard SGD-stability template (Lei & Ying, ICML 2020), where the",
-        "stability term grows with the integrated step size Σ_t η_t/b_t.",
-        "",
-        "## Per model",
-        "",
-        "| model | steps T | Λ = Σ η_t | Σ η_t/b_t | path length | ‖τ‖ | ‖τ‖ / path | mean ‖g‖ | E‖g‖² |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for j, (name, s) in enumerate(zip(names, trajectories, strict=True)):
-        tau = float(dense.norms[j])
-        straight = f"{tau / s.path_length:.3f}" if monitor.track_updates and s.path_length > 0 else "n/a"
-        path = f"{s.path_length:.4g}" if monitor.track_updates else "n/a"
-        lines.append(
-            f"| {name} | {s.steps} | {s.lr_integral:.4g} | {s.lr_integral_per_sample:.4g} | {path} | {tau:.4g} | "
-            f"{straight} | {s.mean_grad_norm:.4g} | {s.mean_sq_grad_norm:.4g} |"
-        )
-    if monitor.train_loss is not None:
-        together = "all ranks, all experts together" if monitor.multi_expert else "all ranks"
-        lines += ["", f"Last epoch's mean training loss ({together}): {monitor.train_loss:.4g}."]
-    findings: list[str] = []
-    if multi:
-        ratios = drift_ratios(dense.norms)
-        shares = _deviation_shares(dense)
-        order = torch.argsort(dense.norms, descending=True).tolist()
-        lines += [
-            "",
-            "## Across experts",
-            "",
-            f"- dispersion D = Σ_j w_j‖τ_j − τ̄‖² = {dense.dispersion:.4g}",
-            f"- mean pairwise cosine of task vectors: {dense.mean_pairwise_cosine():.3f}",
-            f"- sign conflict (entries with ≥ 2 non-zero values whose signs differ): {dense.sign_conflict:.3f}",
-            "",
-            "| expert | ‖τ_j‖ | drift ratio (vs peers' median) | share of D | Λ_j |",
-            "|---|---|---|---|---|",
-        ]
-        for j in order:
-            lines.append(
-                f"| {j} | {float(dense.norms[j]):.4g} | {float(ratios[j]):.3f} | {float(shares[j]):.1%} | "
-                f"{trajectories[j].lr_integral:.4g} |"
-            )
-        drifting = [j for j in order if float(ratios[j]) > monitor.drift_factor]
-        if drifting:
-            for j in drifting:
-                findings.append(
-                    f"Expert {j} moved {float(ratios[j]):.2f}× its peers' median distance from θ₀ "
-                    f"(above the {monitor.drift_factor}× flag) and holds {float(shares[j]):.0%} of D: "
-                    "it contributes the most to the task heterogeneity D."
-                )
-        else:
-            findings.append(
-                f"No expert drifts more than {monitor.drift_factor}× its peers' median (largest ratio "
-                f"{float(ratios.max()):.2f}, expert {int(ratios.argmax())})."
-            )
-        lr_int = torch.tensor([s.lr_integral for s in trajectories], dtype=torch.float64)
-        if k >= 3 and float(lr_int.std()) > 0 and float(dense.norms.std()) > 0:
-            corr = float(torch.corrcoef(torch.stack([lr_int, dense.norms]))[0, 1])
-            findings.append(f"Across experts, ‖τ_j‖ and Λ_j have a Pearson correlation of {corr:.2f}.")
-        elif k == 2 and lr_int.min() > 0 and float(dense.norms.min()) > 0:
-            findings.append(
-                f"Λ_1/Λ_0 = {float(lr_int[1] / lr_int[0]):.2f} while ‖τ_1‖/‖τ_0‖ = "
-                f"{float(dense.norms[1] / dense.norms[0]):.2f}."
-            )
-        layer_disp = _top_layers(dense.layer_dispersion, monitor.top_layers)
-        lines += [
-            "",
-            "## Layers carrying the dispersion",
-            "",
-            "| layer | share of D | share of entries | sign conflict |",
-            "|---|---|---|---|",
-        ]
-        for layer, value in layer_disp:
-            share = value / dense.dispersion if dense.dispersion > 0 else 0.0
-            entries = dense.layer_entries[layer] / max(dense.num_entries, 1)
-            lines.append(f"| {layer} | {share:.1%} | {entries:.1%} | {dense.layer_sign_conflict[layer]:.3f} |")
-        if layer_disp and dense.dispersion > 0:
-            layer, value = layer_disp[0]
-            findings.append(
-                f"Layer `{layer}` holds {value / dense.dispersion:.0%} of D with "
-                f"{dense.layer_entries[layer] / max(dense.num_entries, 1):.0%} of the entries."
-            )
-        conflict = _top_layers(dense.layer_sign_conflict, 1)
-        if conflict and conflict[0][1] > 0:
-            findings.append(f"The highest sign-conflict rate is in `{conflict[0][0]}` ({conflict[0][1]:.2f}).")
-    else:
-        layer_sq = {n: float(v.pow(2).sum()) for n, v in dense.layer_norms.items()}
-        total = sum(layer_sq.values())
-        lines += [
-            "",
-            "## Layers carrying the task vector",
-            "",
-            "| layer | share of ‖τ‖² | share of entries |",
-            "|---|---|---|",
-        ]
-        for layer, value in _top_layers(layer_sq, monitor.top_layers):
-            entries = dense.layer_entries[layer] / max(dense.num_entries, 1)
-            lines.append(f"| {layer} | {value / total if total > 0 else 0.0:.1%} | {entries:.1%} |")
-    if sparse:
-        lines += [
-            "",
-            "## After sparsification",
-            "",
-            "| version | mean ‖τ‖ | D | sign conflict | mean density |",
-            "|---|---|---|---|---|",
-        ]
-        rows = [("dense", dense)] + [(_sparsifier_label(monitor, n), s) for n, s in sparse.items()]
-        for label, s in rows:
-            disp = f"{s.dispersion:.4g}" if multi else "n/a"
-            conf = f"{s.sign_conflict:.3f}" if multi else "n/a"
-            lines.append(f"| {label} | {float(s.norms.mean()):.4g} | {disp} | {conf} | {float(s.density.mean()):.3f} |")
-        for name, s in sparse.items():
-            label = _sparsifier_label(monitor, name)
-            if multi and dense.dispersion > 0:
-                findings.append(f"{label} changes D by a factor {s.dispersion / dense.dispersion:.2f}.")
-            elif not multi and float(dense.norms.mean()) > 0:
-                factor = float(s.norms.pow(2).mean() / dense.norms.pow(2).mean())
-                note = (
-                    f" (its 1/(1 − p) rescaling makes this {1 / (1 - monitor.drop_rate):.3g} in expectation)"
-                    if name == "dare"
-                    else ""
-                )
-                findings.append(f"{label} multiplies ‖τ‖² by {factor:.3g}{note}.")
-    if monitor.track_updates:
-        for j, (name, s) in enumerate(zip(names, trajectories, strict=True)):
-            if s.path_length > 0:
-                findings.append(
-                    f"{name.capitalize()}: ‖τ‖ is {float(dense.norms[j]) / s.path_length:.0%} of the path length "
-                    "(100% = a straight path from θ₀)."
-                )
-    per_sample = [s.lr_integral_per_sample for s in trajectories]
-    if multi and max(per_sample) > 0:
-        j = max(range(k), key=per_sample.__getitem__)
-        findings.append(
-            f"Expert {j} has the largest Σ_t η_t/b_t ({per_sample[j]:.4g}), the quantity the stability "
-            "template grows with."
-        )
-    lines += ["", "## What the measurements show", ""] + [f"- {f}" for f in findings] + [""]
-    return "\n".join(lines)
-
-
-def _sparsifier_label(monitor: StabilityMonitor, name: str) -> str:
-    return f"TIES trim (density {monitor.density})" if name == "ties" else f"DARE drop (p = {monitor.drop_rate})"
-
-
-def stability_report_figure(monitor: StabilityMonitor, dense: TaskVectorStats):
-    """A matplotlib ``Figure`` with the report's plots: ‖τ‖ and Λ over steps, ‖τ‖ against Λ,
-    the layers carrying the dispersion (or ‖τ‖²), and the task-vector cosines."""
-    from matplotlib.figure import Figure
-
-    multi = monitor.multi_expert and dense.num_experts > 1
-    fig = Figure(figsize=(11, 8) if multi else (13, 4), layout="constrained")
-    axes = fig.subplots(2, 2).ravel() if multi else fig.subplots(1, 3)
-    steps = [h["step"] for h in monitor.history]
-    names = [f"expert {j}" for j in range(dense.num_experts)] if monitor.multi_expert else ["model"]
-    ax = axes[0]
-    for j, name in enumerate(names):
-        ax.plot(steps, [h["tau_norm"][j] for h in monitor.history], marker=".", color=f"C{j}", label=f"‖τ‖ {name}")
-        if monitor.track_updates:
-            path = [h["path_length"][j] for h in monitor.history]
-            ax.plot(steps, path, ls="--", color=f"C{j}", label=f"path length {name}")
-    ax.set(xlabel="optimizer step", ylabel="distance", title="drift from θ₀")
-    ax.legend(fontsize=7)
-    ax = axes[1]
-    for j, name in enumerate(names):
-        lr_integral = [h["lr_integral"][j] for h in monitor.history]
-        ax.plot(lr_integral, [h["tau_norm"][j] for h in monitor.history], marker=".", color=f"C{j}", label=name)
-    ax.set(xlabel="Λ = Σ η_t", ylabel="‖τ‖", title="‖τ‖ against the lr integral")
-    ax.legend(fontsize=7)
-    ax = axes[2]
-    if multi:
-        values = dense.layer_dispersion
-        title, xlabel = "layers carrying the dispersion D", "share of D"
-        total = dense.dispersion
-    else:
-        values = {n: float(v.pow(2).sum()) for n, v in dense.layer_norms.items()}
-        title, xlabel = "layers carrying ‖τ‖²", "share of ‖τ‖²"
-        total = sum(values.values())
-    top = _top_layers(values, monitor.top_layers)[::-1]
-    ax.barh([n for n, _ in top], [v / total if total > 0 else 0.0 for _, v in top])
-    ax.set(xlabel=xlabel, title=title)
-    ax.tick_params(axis="y", labelsize=7)
-    if multi:
-        ax = axes[3]
-        image = ax.imshow(dense.cosine.numpy(), vmin=-1, vmax=1, cmap="coolwarm")
-        ticks = list(range(dense.num_experts))
-        ax.set(title="cos(τ_i, τ_j)", xlabel="expert", ylabel="expert", xticks=ticks, yticks=ticks)
-        fig.colorbar(image, ax=ax)
-    return fig
-
-
-__all__ = ["StabilityMonitor", "drift_ratios", "stability_report_figure", "stability_report_markdown"]
+__all__ = ["StabilityMonitor"]
