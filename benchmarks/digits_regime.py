@@ -69,7 +69,8 @@ from merging.datamodules import DigitsTasks  # noqa: E402
 from merging.io import write_text_atomic  # noqa: E402
 from merging.methods import get_method  # noqa: E402
 from merging.modules import MultiExpertModule, PretrainModule  # noqa: E402
-from merging.modules.evaluate import ensemble_features, stack_states  # noqa: E402
+from merging.modules.evaluate import ensemble_features  # noqa: E402
+from merging.state import stack_states  # noqa: E402
 from merging.scenarios import add_hardware_arguments, quiet_trainer  # noqa: E402
 from merging.stability import task_vector_stats  # noqa: E402
 from merging.state import StateDict  # noqa: E402

@@ -32,12 +32,7 @@ from merging.bundle import ExpertBundle
 from merging.io import save_state_dict
 from merging.methods.base import MergeMethod
 from merging.methods.classic import TiesMerging
-from merging.state import StateDict
-
-
-def stack_states(states: list[StateDict]) -> StateDict:
-    """``{key: (K, *shape)}`` from K state dicts with the same keys."""
-    return {k: torch.stack([s[k] for s in states]) for k in states[0]}
+from merging.state import StateDict, stack_states
 
 
 def ensemble_features(skeleton: nn.Module, stacked: StateDict, x: Tensor) -> Tensor:
