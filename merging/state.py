@@ -173,7 +173,10 @@ def mean_of_stack(stacked: Tensor, weights: Tensor | None = None) -> Tensor:
     return (stacked * w).sum(dim=0)
 
 
-def average_states(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | Tensor | None = None) -> StateDict:
+def average_states(
+    states: Sequence[Mapping[str, Tensor]],
+    weights: Sequence[float] | Tensor | None = None,
+) -> StateDict:
     """The weight average (model soup) θ = Σ_j w_j θ_j of K compatible state dicts.
 
     Floating entries are summed in :func:`accumulation_dtype` and cast back; integer and bool

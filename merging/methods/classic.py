@@ -149,7 +149,8 @@ class TiesMerging(MergeMethod):
         if base is not None and _kernels.available([base], context.entries):
             values = [values[j] for j in range(len(values))]  # read lazy sequences once
             if _kernels.available(values):
-                return _kernels.ties_merge(values, base, self._kernel_thresholds(key, values, base, context), self.scaling)
+                thresholds = self._kernel_thresholds(key, values, base, context)
+                return _kernels.ties_merge(values, base, thresholds, self.scaling)
         return super().merge_entry(key, values, base, context)
 
     def _kernel_thresholds(self, key: str, values: list[Tensor], base: Tensor, context: TiesContext) -> Tensor:

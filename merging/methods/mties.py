@@ -175,7 +175,7 @@ def row_keep_rates(m: Tensor, density: float = 0.8, spread: float = 0.1, scale: 
 
 
 def row_keep_counts(rates: Tensor, row_length: int) -> Tensor:
-    """⌊r_i · d_in⌋ per row (the same rounding as ``classic.keep_count``), in [0, d_in]."""
+    """⌊r_i · d_in⌋ per row (the same rounding as :func:`merging.methods.topk.keep_count`), in [0, d_in]."""
     counts = torch.floor(rates.to(torch.float64) * row_length + 1e-9).long()
     return counts.clamp_(0, row_length)
 

@@ -159,7 +159,8 @@ def ties_context(
     entries = sum(base[k].numel() for k in keys)
     if scope == "tensor" or density >= 1.0:
         return TiesContext(thresholds=None, entries=entries)
-    return TiesContext(thresholds=global_magnitude_thresholds(experts, base, keys, density, transform=drop), entries=entries)
+    thresholds = global_magnitude_thresholds(experts, base, keys, density, transform=drop)
+    return TiesContext(thresholds=thresholds, entries=entries)
 
 
 def ties_thresholds(tau: Tensor, density: float, context: TiesContext) -> Tensor:
