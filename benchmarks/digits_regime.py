@@ -70,9 +70,9 @@ from merging.experiments.trainers import add_hardware_arguments, quiet_trainer  
 from merging.io import write_text_atomic  # noqa: E402
 from merging.methods import get_method  # noqa: E402
 from merging.modules import MultiExpertModule, PretrainModule  # noqa: E402
-from merging.modules.evaluate import ensemble_features, stack_states  # noqa: E402
+from merging.modules.evaluate import ensemble_features  # noqa: E402
 from merging.stability import task_vector_stats  # noqa: E402
-from merging.state import StateDict  # noqa: E402
+from merging.state import StateDict, stack_states  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 #: Task-arithmetic scalings λ besides 1/K (which is added per run: it is plain averaging).

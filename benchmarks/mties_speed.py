@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 import merging.methods.classic as classic
 import merging.methods.mties as mties
+import merging.methods.ties as ties
 from merging.io import write_text_atomic
 from merging.methods import get_method
 from merging.mloss import find_activation_layers
@@ -97,7 +98,8 @@ def timed_merge(method_name: str, hparams: dict[str, Any], experts, base, model,
     # at call time, so the instrumented versions are the ones the methods run).
     with (
         _patched(classic, "global_magnitude_thresholds", _timed(classic.global_magnitude_thresholds, phases, "tensor")),
-        _patched(classic, "magnitude_threshold", _timed(classic.magnitude_threshold, phases, "tensor")),
+        _patched(ties, "global_magnitude_thresholds", _timed(ties.global_magnitude_thresholds, phases, "tensor")),
+        _patched(ties, "magnitude_threshold", _timed(ties.magnitude_threshold, phases, "tensor")),
         _patched(mties, "row_thresholds", _timed(mties.row_thresholds, phases, "row")),
     ):
         method.prepare = _timed(method.prepare, phases, "prepare")

@@ -151,6 +151,111 @@ def stack_entry(experts: Sequence[Mapping[str, Tensor]], key: str, dtype: torch.
     return torch.stack([e[key].to(dtype) if dtype is not None else e[key] for e in experts])
 
 
+def stack_states(states: Sequence[Mapping[str, Tensor]]) -> StateDict:
+    """``{key: (K, *shape)}`` from K state dicts with the same keys (every entry, integer
+    buffers included: the form ``torch.func.vmap`` over ``functional_call`` reads)."""
+    return {key: stack_entry(states, key) for key in states[0]}
+
+
+def mean_of_stack(stacked: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Σ_j w_j θ_j of one entry stacked ``(K, *shape)`` (or a flat slice ``(K, n)``).
+
+    Args:
+        stacked: θ_1..θ_K's values, in the dtype the sum runs in.
+        weights: w ``(K,)`` summing to 1; None: the plain mean (w_j = 1/K).
+
+    Returns:
+        ``(*shape)``, in ``stacked``'s dtype and on its device.
+    """
+    if weights is None:
+        return stacked.mean(dim=0)
+    w = weights.to(device=stacked.device, dtype=stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
+    return (stacked * w).sum(dim=0)
+
+
+def average_states(
+    states: Sequence[Mapping[str, Tensor]],
+    weights: Sequence[float] | Tensor | None = None,
+) -> StateDict:
+    """The weight average (model soup) θ = Σ_j w_j θ_j of K compatible state dicts.
+
+    Floating entries are summed in :func:`accumulation_dtype` and cast back; integer and bool
+    buffers are copied from the first state dict. The same values as the ``average`` merge
+    method (which computes :func:`mean_of_stack` slice by slice).
+
+    Args:
+        states: θ_1..θ_K (same keys, shapes and dtypes; finite values).
+        weights: w_1..w_K, normalised here to sum to 1; None: uniform 1/K.
+
+    Raises:
+        StateDictError: incompatible or non-finite state dicts (naming the key).
+        ValueError: a number of weights other than K.
+    """
+    states = list(states)
+    check_compatible(states)
+    w = None
+    if weights is not None:
+        ref = next((v for v in states[0].values() if is_mergeable(v)), None)
+        w = torch.as_tensor(weights, dtype=torch.float64, device=ref.device if ref is not None else None).flatten()
+        if w.numel() != len(states):
+            raise ValueError(f"average_states: {w.numel()} weights given for {len(states)} state dicts")
+        w = w / w.sum()
+    out: StateDict = {}
+    for key, first in states[0].items():
+        if not is_mergeable(first):
+            out[key] = first.clone()
+            continue
+        stacked = stack_entry(states, key, accumulation_dtype(first.dtype))
+        out[key] = mean_of_stack(stacked, w).to(first.dtype)
+    return out
+
+
+def weighted_average(experts: Sequence[Mapping[str, Tensor]], alpha: Tensor) -> StateDict:
+    """θ̄ = θ_1 + Σ_{j≥2} α_j (θ_j − θ_1) (= Σ_j α_j θ_j when Σ α = 1); non-float entries from θ_1.
+
+    Anchored at θ_1, so that the rounding is at the scale of the differences between the
+    experts rather than of the weights (the M-Loss reference model).
+
+    Args:
+        experts: θ_1..θ_K.
+        alpha: α ``(K,)``, read as Python scalars.
+    """
+    out: StateDict = {}
+    for key, first in experts[0].items():
+        if not is_mergeable(first) or len(experts) == 1:
+            out[key] = first
+            continue
+        dtype = accumulation_dtype(first.dtype)
+        anchor = first.to(dtype)
+        total = anchor.clone()
+        for a, e in zip(alpha[1:].tolist(), experts[1:]):
+            total.add_(e[key].to(dtype) - anchor, alpha=a)
+        out[key] = total.to(first.dtype)
+    return out
+
+
+def partial_merge(base: Mapping[str, Tensor], merged: Mapping[str, Tensor], upto: str) -> StateDict:
+    """θ₀ with every entry before ``upto`` (state-dict order) taken from ``merged``: the
+    reference of an incremental merge at the entry ``upto``.
+
+    Args:
+        base: θ₀.
+        merged: the (partially) merged state; only entries before ``upto`` are read.
+        upto: the first key taken from ``base``.
+
+    Raises:
+        StateDictError: ``upto`` is not a key of ``base``.
+    """
+    if upto not in base:
+        raise StateDictError(f"partial_merge: key {upto!r} is not in the base state dict")
+    out: StateDict = {}
+    before = True
+    for key, value in base.items():
+        before = before and key != upto
+        out[key] = merged[key] if before else value
+    return out
+
+
 def task_vector(expert: Mapping[str, Tensor], base: Mapping[str, Tensor]) -> StateDict:
     """τ = θ − θ₀ over the floating-point entries (non-float entries are left out)."""
     return {k: expert[k] - base[k] for k in mergeable_keys(base)}

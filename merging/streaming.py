@@ -18,7 +18,7 @@ Three pieces:
   lazy files: peak memory is about K + 2 tensors of the largest entry for per-tensor
   methods, plus whatever :meth:`MergeMethod.prepare` keeps (global TIES: a sample and the
   bracketed candidates of its exact threshold search, see
-  :func:`merging.methods.classic.global_magnitude_thresholds`).
+  :func:`merging.methods.topk.global_magnitude_thresholds`).
 
 The result equals ``method.merge(experts, base)`` on the same state dicts loaded in memory,
 bit for bit: the per-entry arithmetic is the method's own.

@@ -1,12 +1,12 @@
 """Fused CPU kernels (numba) for the two passes of global TIES.
 
-The torch implementation of TIES (:func:`merging.methods.classic.ties_disjoint_merge`, the
-threshold pass of :func:`merging.methods.classic.global_magnitude_thresholds`) is a chain of
+The torch implementation of TIES (:func:`merging.methods.ties.ties_disjoint_merge`, the
+threshold pass of :func:`merging.methods.topk.global_magnitude_thresholds`) is a chain of
 about a dozen element-wise operations over ``(K, chunk)`` slices: each one reads and writes
 the slice again. Here each pass is one loop that reads every expert entry once and keeps the
-per-entry state in registers/cache-sized buffers, compiled by numba (``parallel=True`` over
-blocks of :data:`BLOCK` entries, ``cache=True`` so the compilation, a few seconds, happens
-once per machine).
+per-entry state in registers/cache-sized buffers, compiled by numba in
+:mod:`merging.methods._numba_kernels` (``parallel=True`` over blocks of ``BLOCK`` entries,
+``cache=True`` so the compilation, a few seconds, happens once per machine).
 
 Scope: CPU float32 tensors of merges with at least :data:`MIN_ENTRIES` entries per expert;
 everything else (CUDA tensors, fp16, bf16, fp64, small models) takes the torch path, which
@@ -32,12 +32,6 @@ from torch import Tensor
 # numba is a dependency; the torch path is kept for platforms without its wheels. It is
 # imported on first use (it loads LLVM: about 110 MB of resident memory).
 _HAVE_NUMBA = importlib.util.find_spec("numba") is not None
-
-BLOCK = 4096
-"""Entries of one key handled by one parallel task."""
-
-_MINI = 16
-"""Sub-block of the threshold scan: only sub-blocks holding a bracket member are compacted."""
 
 _CAPACITY = 256
 """Bracket members stored per block and expert before the key is rescanned with more room."""
@@ -121,19 +115,20 @@ def scan_bracket(values: Sequence[Tensor], base: Tensor, lo: Tensor, hi: Tensor)
         ``(K,)`` int64 counts of |τ_j| > hi_j, and per expert the values with
         lo_j ≤ |τ_j| ≤ hi_j (float32, in no particular order).
     """
+    kernels = _compiled()
     experts = _flat_arrays(values)
     b = base.detach().reshape(-1).numpy()
-    blocks = (b.size + BLOCK - 1) // BLOCK
+    blocks = (b.size + kernels.BLOCK - 1) // kernels.BLOCK
     k = len(values)
     lo_np = lo.to(torch.float32).numpy()
     hi_np = hi.to(torch.float32).numpy()
     above = np.empty((k, blocks), np.int64)
     counts = np.empty((k, blocks), np.int64)
-    capacity = min(_CAPACITY, BLOCK)
+    capacity = min(_CAPACITY, kernels.BLOCK)
     with _threads():
         while True:
             members = np.empty((k, blocks, capacity), np.float32)
-            _compiled()._scan_kernel(experts, b, lo_np, hi_np, above, counts, members)
+            kernels._scan_kernel(experts, b, lo_np, hi_np, above, counts, members)
             needed = int(counts.max()) if counts.size else 0
             if needed <= capacity:
                 break
@@ -146,7 +141,7 @@ def scan_bracket(values: Sequence[Tensor], base: Tensor, lo: Tensor, hi: Tensor)
 def ties_merge(values: Sequence[Tensor], base: Tensor, thresholds: Tensor, scaling: float) -> Tensor:
     """θ₀ + λ · TIES(trim at ``thresholds``, elect, disjoint mean) of one entry, in one pass.
 
-    The same arithmetic as :func:`merging.methods.classic.ties_disjoint_merge` (float32 sums
+    The same arithmetic as :func:`merging.methods.ties.ties_disjoint_merge` (float32 sums
     over the experts in order), so the two paths agree to rounding.
 
     Args:

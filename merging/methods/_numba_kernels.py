@@ -1,12 +1,18 @@
 """The numba-compiled loops behind :mod:`merging.methods._kernels` (imported on first use,
-so that importing the library does not load LLVM)."""
+so that importing the library does not load LLVM). This module imports nothing from the
+project: the wrappers read :data:`BLOCK` from here."""
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from merging.methods._kernels import _MINI, BLOCK
+
+BLOCK = 4096
+"""Entries of one key handled by one parallel task."""
+
+_MINI = 16
+"""Sub-block of the threshold scan: only sub-blocks holding a bracket member are compacted."""
 
 
 @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
@@ -49,7 +55,7 @@ def _scan_kernel(experts, b, lo, hi, above, counts, members):
 @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
 def _ties_kernel(experts, b, thresholds, scaling, out):
     """``out = b + scaling · disjoint_mean(elect(trim(τ)))`` with the four sums of
-    :func:`merging.methods.classic.ties_disjoint_merge` (total, mass, kept count, sign
+    :func:`merging.methods.ties.ties_disjoint_merge` (total, mass, kept count, sign
     balance), accumulated over the experts in order in cache-sized per-block buffers."""
     n = b.size
     num_experts = len(experts)

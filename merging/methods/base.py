@@ -18,9 +18,10 @@ inputs, the output and a few per-entry buffers, never K flattened copies of the 
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import Tensor, nn
@@ -191,6 +192,41 @@ class MergeMethod(ABC):
         Returns:
             The merged value, shape ``shape``.
         """
+
+    @classmethod
+    def hparam_names(cls) -> tuple[str, ...]:
+        """The names of this method's hyperparameters: its ``__init__`` arguments."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return tuple(
+            p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        )
+
+    def with_hparams(self, **changes: Any) -> Self:
+        """A new method of the same class with some hyperparameters changed (e.g. the λ of a
+        search: ``method.with_hparams(scaling=0.5)``); ``self`` is left as it is.
+
+        The other hyperparameters are read from the attributes ``__init__`` stored them in, and
+        every one goes through ``__init__`` again, so the copy is validated like any method.
+
+        Args:
+            **changes: new values, by ``__init__`` argument name.
+
+        Returns:
+            The new method.
+
+        Raises:
+            ValueError: a name that is not a hyperparameter of this class (the message names
+                the class and its hyperparameters), or a value ``__init__`` refuses.
+        """
+        names = self.hparam_names()
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} ({self.name}) has no {', '.join(unknown)} hyperparameter; "
+                f"its hyperparameters are {', '.join(names) or 'none'}"
+            )
+        current = {name: getattr(self, name) for name in names if name not in changes}
+        return type(self)(**current, **changes)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

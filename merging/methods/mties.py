@@ -38,7 +38,7 @@ Discrepancies in the sources and the choices made here (spec §1.8):
   elsewhere (as in the code). Non-target entries are trimmed per tensor, not globally.
 - The row scale is ``rank`` (the code's); ``robust`` and ``log`` are the code's unused
   alternatives. Whether the paper's Def. 3.6 is rank- or ratio-based is unverified.
-- M-DARE's masks depend only on (seed, key) (:func:`merging.methods.classic.entry_generator`),
+- M-DARE's masks depend only on (seed, key) (:func:`merging.methods.dare.entry_generator`),
   so a merge is repeatable whatever order entries are visited in.
 - With ``spread=0`` the data no longer matters: M-TIES is then per-tensor TIES except that
   target weights are trimmed row by row at k.
@@ -58,6 +58,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -65,7 +66,8 @@ from torch import Tensor, nn
 
 from merging._validation import check_choice, check_float, check_int, check_str_list
 from merging.methods.base import MergeMethod, register_method
-from merging.methods.classic import Dare, TiesMerging, ties_disjoint_merge
+from merging.methods.classic import Dare, TiesMerging
+from merging.methods.ties import ties_disjoint_merge
 from merging.mloss import MLossMeter
 from merging.state import is_mergeable
 
@@ -173,7 +175,7 @@ def row_keep_rates(m: Tensor, density: float = 0.8, spread: float = 0.1, scale: 
 
 
 def row_keep_counts(rates: Tensor, row_length: int) -> Tensor:
-    """⌊r_i · d_in⌋ per row (the same rounding as ``classic.keep_count``), in [0, d_in]."""
+    """⌊r_i · d_in⌋ per row (the same rounding as :func:`merging.methods.topk.keep_count`), in [0, d_in]."""
     counts = torch.floor(rates.to(torch.float64) * row_length + 1e-9).long()
     return counts.clamp_(0, row_length)
 
@@ -335,6 +337,22 @@ def scheduled_node_mloss(
     return node
 
 
+@dataclass(frozen=True)
+class MTiesContext:
+    """What M-TIES computes before merging entry by entry.
+
+    Attributes:
+        rates: ``{target weight key: row keep rates r (d_out,)}``.
+        merged: the whole merge when it was made during the pass (``reference="incremental"``),
+            else None.
+        others: the context of the method merging the non-target entries.
+    """
+
+    rates: dict[str, Tensor]
+    merged: dict[str, Tensor] | None
+    others: Any
+
+
 @register_method
 class MTiesMerging(MergeMethod):
     """M-TIES / M-DARE / Few-Layer M-TIES (module docstring: algorithm and choices).
@@ -412,7 +430,7 @@ class MTiesMerging(MergeMethod):
         *,
         model: nn.Module | None = None,
         data: Iterable[Any] | None = None,
-    ) -> dict[str, Any]:
+    ) -> MTiesContext:
         iterator = iter(data)
         first = next(iterator, _EMPTY)
         if first is _EMPTY:
@@ -441,7 +459,7 @@ class MTiesMerging(MergeMethod):
         self._node_mloss = {}
         if self.reference != "incremental":
             self._node_mloss = scheduled_node_mloss(meter, list(targets.values()), batches, draws, _length(data))
-            return {"rates": self._rates(targets), "merged": None, "others": others}
+            return MTiesContext(rates=self._rates(targets), merged=None, others=others)
 
         # Incremental: merge in state-dict order; each target is measured on θ₀ with every
         # earlier entry already merged (one forward per draw: the reference changes).
@@ -455,10 +473,10 @@ class MTiesMerging(MergeMethod):
                 name = targets[key]
                 self._node_mloss[name] = self._node_mloss_of(meter, name, cycled, draws, current)
             rates = self._rates({key: targets[key]}) if key in targets else {}
-            context = {"rates": rates, "merged": None, "others": others}
+            context = MTiesContext(rates=rates, merged=None, others=others)
             merged[key] = self.merge_entry(key, [e[key] for e in experts], base[key], context)
             current[key] = merged[key]
-        return {"rates": {}, "merged": merged, "others": others}
+        return MTiesContext(rates={}, merged=merged, others=others)
 
     def _node_mloss_of(
         self,
@@ -484,27 +502,28 @@ class MTiesMerging(MergeMethod):
             for key, name in targets.items()
         }
 
-    def merge_entry(self, key: str, values: Sequence[Tensor], base: Tensor | None, context: Any) -> Tensor:
+    def merge_entry(self, key: str, values: Sequence[Tensor], base: Tensor | None, context: MTiesContext) -> Tensor:
         """One entry: a target weight row by row (:meth:`merge_tensor`), any other floating
         entry by per-tensor TIES (or DARE), an integer buffer copied from the base."""
         first = values[0]
         if not is_mergeable(first):
             return super().merge_entry(key, values, base, context)
-        if context["merged"] is not None:
-            return context["merged"][key]
-        if key not in context["rates"]:
-            return self._others.merge_entry(key, values, base, context["others"])
+        if context.merged is not None:
+            return context.merged[key]
+        if key not in context.rates:
+            return self._others.merge_entry(key, values, base, context.others)
         return super().merge_entry(key, values, base, context)
 
-    def merge_tensor(self, key: str, experts: Tensor, base: Tensor | None, context: dict[str, Any]) -> Tensor:
+    def merge_tensor(self, key: str, experts: Tensor, base: Tensor | None, context: MTiesContext) -> Tensor:
         """θ₀ + λ · disjoint_mean(elect(row-wise trimmed τ)) of a target weight."""
-        trimmed = rowwise_topk_trim(experts.sub_(base), context["rates"][key])
+        trimmed = rowwise_topk_trim(experts.sub_(base), context.rates[key])
         thresholds = torch.zeros(trimmed.shape[0], dtype=trimmed.dtype, device=trimmed.device)
         return base + self.scaling * ties_disjoint_merge(trimmed, thresholds)
 
 
 __all__ = [
     "SCALES",
+    "MTiesContext",
     "MTiesMerging",
     "log_scale",
     "rank_scale",

@@ -6,7 +6,8 @@ Unlabeled Data", AAAI 2026, https://arxiv.org/abs/2602.08564.
 The merged model is the affine combination θ̄ = Σ_j α_j θ_j (Σ_j α_j = 1); the paper's text
 hooks each layer's input on the partially merged model (entries before the layer merged,
 the rest θ₀), the authors' code on θ₀. Every state dict is checked to be keyed like the
-model it is evaluated on, naming the offending key.
+model it is evaluated on, naming the offending key. The state algebra itself (θ̄ and the
+partial merge) is :func:`merging.state.weighted_average` and :func:`merging.state.partial_merge`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from merging.state import StateDictError, accumulation_dtype, is_mergeable
+from merging.state import StateDictError, partial_merge, weighted_average
 
 
 def merge_weights(weights: Sequence[float] | Tensor | None, num_experts: int) -> Tensor:
@@ -39,46 +40,6 @@ def merge_weights(weights: Sequence[float] | Tensor | None, num_experts: int) ->
     if abs(float(alpha.sum()) - 1.0) > 1e-6:
         raise ValueError(f"M-Loss: merge weights must sum to 1, got {alpha.tolist()} (sum {float(alpha.sum())})")
     return alpha
-
-
-def weighted_average(experts: Sequence[Mapping[str, Tensor]], alpha: Tensor) -> dict[str, Tensor]:
-    """θ̄ = θ_1 + Σ_{j≥2} α_j (θ_j − θ_1) (= Σ_j α_j θ_j when Σ α = 1); non-float entries from θ_1.
-
-    Args:
-        experts: θ_1..θ_K.
-        alpha: α ``(K,)``.
-    """
-    out: dict[str, Tensor] = {}
-    for key, first in experts[0].items():
-        if not is_mergeable(first) or len(experts) == 1:
-            out[key] = first
-            continue
-        dtype = accumulation_dtype(first.dtype)
-        anchor = first.to(dtype)
-        total = anchor.clone()
-        for a, e in zip(alpha[1:].tolist(), experts[1:]):
-            total.add_(e[key].to(dtype) - anchor, alpha=a)
-        out[key] = total.to(first.dtype)
-    return out
-
-
-def partial_merge(base: Mapping[str, Tensor], merged: Mapping[str, Tensor], upto: str) -> dict[str, Tensor]:
-    """The incremental reference of a layer: θ₀ with every entry before ``upto`` (state-dict
-    order) taken from ``merged``.
-
-    Args:
-        base: θ₀.
-        merged: the (partially) merged state; only entries before ``upto`` are read.
-        upto: the layer's weight key.
-    """
-    if upto not in base:
-        raise StateDictError(f"partial_merge: key {upto!r} is not in the base state dict")
-    out: dict[str, Tensor] = {}
-    before = True
-    for key, value in base.items():
-        before = before and key != upto
-        out[key] = merged[key] if before else value
-    return out
 
 
 def check_state_keys(model: nn.Module, state: Mapping[str, Tensor], owner: str) -> None:

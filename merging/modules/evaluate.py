@@ -14,8 +14,8 @@ merge at every scale: it is reported as measured.
 
 from __future__ import annotations
 
-import copy
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,17 +27,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torchmetrics.classification import MulticlassAccuracy
 
+from merging.accuracy import accuracy_by_task
 from merging._validation import check_bool, check_float_list, check_int, check_int_list, check_str
 from merging.bundle import ExpertBundle
 from merging.io import save_state_dict
 from merging.methods.base import MergeMethod
 from merging.methods.classic import TiesMerging
-from merging.state import StateDict
-
-
-def stack_states(states: list[StateDict]) -> StateDict:
-    """``{key: (K, *shape)}`` from K state dicts with the same keys."""
-    return {k: torch.stack([s[k] for s in states]) for k in states[0]}
+from merging.state import StateDict, stack_states
 
 
 def ensemble_features(skeleton: nn.Module, stacked: StateDict, x: Tensor) -> Tensor:
@@ -52,7 +48,7 @@ def ensemble_features(skeleton: nn.Module, stacked: StateDict, x: Tensor) -> Ten
     return features.mean(dim=0)
 
 
-class _BundleEvalModule(pl.LightningModule):
+class _BundleEvalModule(pl.LightningModule, ABC):
     """Loads a bundle in ``setup`` and reports per-task and mean accuracy of ``features``.
 
     ``setup`` runs before Lightning moves the module to its device, so it only reads the
@@ -75,6 +71,9 @@ class _BundleEvalModule(pl.LightningModule):
         self._experts: list[StateDict] = []
         self._base: StateDict | None = None
         self._prepared = False
+        #: ``{kind: one MulticlassAccuracy per task}`` (kinds: ``"model"``, ``"ensemble"``),
+        #: filled in ``setup`` once the bundle gives the tasks' class counts.
+        self.metrics = nn.ModuleDict()
         self.results: dict[str, float] = {}
 
     def setup(self, stage: str) -> None:
@@ -83,19 +82,15 @@ class _BundleEvalModule(pl.LightningModule):
         self.bundle = ExpertBundle.load(self.experts_dir)
         self.skeleton = self.bundle.build_backbone().requires_grad_(False)
         self.heads = self.bundle.build_heads().requires_grad_(False)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "num_classes"):
             if list(datamodule.num_classes) != self.bundle.num_classes:
                 raise ValueError(
                     f"bundle {self.experts_dir} has tasks {self.bundle.task_names} with classes "
                     f"{self.bundle.num_classes}, the datamodule has {list(datamodule.num_classes)}"
                 )
-        self.metrics = nn.ModuleDict(
-            {
-                kind: nn.ModuleList(MulticlassAccuracy(num_classes=n) for n in self.bundle.num_classes)
-                for kind in self._kinds()
-            }
-        )
+        for kind in self._kinds():
+            self.metrics[kind] = nn.ModuleList(MulticlassAccuracy(num_classes=n) for n in self.bundle.num_classes)
 
     def _prepare(self) -> None:
         """Compute the evaluated states on the module's device (once). The device copies of
@@ -125,12 +120,14 @@ class _BundleEvalModule(pl.LightningModule):
     def _kinds(self) -> list[str]:
         return ["model", "ensemble"] if self.report_ensemble else ["model"]
 
+    @abstractmethod
     def prepare_states(self) -> None:
         """Compute what :meth:`features` evaluates (merge the experts, pick members) from
-        ``self._experts`` and ``self._base``, which are on :attr:`device`."""
+        ``self._experts`` and ``self._base``, which are on :attr:`device`, into ``self._states``."""
 
+    @abstractmethod
     def features(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The backbone features ``(B, d)`` evaluated for inputs ``x`` ``(B, *input_shape)``."""
 
     def _state(self, name: str) -> StateDict:
         self._prepare()
@@ -271,7 +268,7 @@ class MergedModule(_BundleEvalModule):
         if isinstance(grid, Sequence) and not isinstance(grid, str) and not grid:
             raise ValueError("scaling_grid is empty: give at least one λ, or None for the method's own scaling")
         grid = check_float_list("scaling_grid", grid, owner="MergedModule")
-        if not hasattr(self.method, "scaling"):
+        if "scaling" not in self.method.hparam_names():
             raise ValueError(
                 f"scaling_grid was given but {type(self.method).__name__} ({self.method.name}) has no "
                 "scaling hyperparameter to choose"
@@ -282,7 +279,7 @@ class MergedModule(_BundleEvalModule):
         """The unlabeled input batches a data-dependent method is given (None if unneeded)."""
         if not self.method.requires_data:
             return None
-        datamodule = getattr(self.trainer, "datamodule", None)
+        datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "unlabeled_dataloader"):
             raise ValueError(
                 f"{self.method.name} needs unlabeled data: run with a datamodule that has unlabeled_dataloader()"
@@ -295,7 +292,7 @@ class MergedModule(_BundleEvalModule):
         return merged, time.perf_counter() - start
 
     def _validation_loaders(self) -> list:
-        datamodule = getattr(self.trainer, "datamodule", None)
+        datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "val_dataloader"):
             raise ValueError("scaling_grid needs validation data: run with a datamodule that has val_dataloader()")
         loaders = datamodule.val_dataloader()
@@ -307,27 +304,24 @@ class MergedModule(_BundleEvalModule):
             )
         return loaders
 
-    @torch.no_grad()
     def _validation_accuracy(self, merged: StateDict, loaders: list) -> float:
         """Mean over tasks of the merge's validation accuracy (the metric of :meth:`_report`,
-        computed on this rank alone: no collective)."""
-        accs = []
-        for t, loader in enumerate(loaders):
-            metric = MulticlassAccuracy(num_classes=self.bundle.num_classes[t], sync_on_compute=False).to(self.device)
-            for x, y in loader:
-                x, y = x.to(self.device), y.to(self.device)
-                metric.update(self.heads[t](functional_call(self.skeleton, merged, (x,))), y)
-            accs.append(float(metric.compute()))
+        computed on this rank alone, on :attr:`device`: no collective)."""
+        accs = accuracy_by_task(
+            lambda t, x: self.heads[t](functional_call(self.skeleton, merged, (x,))),
+            loaders,
+            self.bundle.num_classes,
+            device=self.device,
+        )
         return sum(accs) / len(accs)
 
     def _search_scaling(self) -> tuple[StateDict, float, MergeMethod]:
         """Merge at every λ of ``scaling_grid``; keep the best on validation: returns its
-        merged state, merge time and method (a copy of ``method`` at the chosen λ)."""
+        merged state, merge time and method (``method`` at the chosen λ)."""
         loaders = self._validation_loaders()
         best: tuple[float, StateDict, float, MergeMethod] | None = None
         for scaling in self.scaling_grid:
-            method = copy.copy(self.method)
-            method.scaling = scaling
+            method = self.method.with_hparams(scaling=scaling)
             merged, seconds = self._merge(method)
             acc = self.scaling_search[scaling] = self._validation_accuracy(merged, loaders)
             if best is None or acc > best[0]:  # strict: ties keep the smaller λ (the grid is sorted)

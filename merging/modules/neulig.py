@@ -159,6 +159,13 @@ class NeuLigModule(LightningModule):
         self.automatic_optimization = False
         self.task_names: list[str] = []
         self.num_classes: list[int] = []
+        # Built by configure_model once the bundle is read (a config parses before it exists).
+        self.skeleton: nn.Module | None = None
+        self.heads: nn.ModuleList | None = None
+        self.portland: Portland | None = None
+        self.best_portland: Portland | None = None
+        self.accuracy = nn.ModuleDict()
+        self.coopvec = nn.ModuleDict()
         self._experts: list[StateDict] = []
         self._static_coopvec: dict[str, Tensor] = {}
         self._last_val_coopvec: CoopVecSummary | None = None
@@ -251,7 +258,7 @@ class NeuLigModule(LightningModule):
             ValueError: the datamodule's task names or class counts differ from the bundle's.
         """
         self.configure_model()
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "task_names"):
             return
         names, classes = list(datamodule.task_names), [int(c) for c in datamodule.num_classes]

@@ -330,11 +330,11 @@ def test_fused_ties_merge_zero_threshold_never_counts_zeros():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("density", [0.01, 0.2, 0.9])
 def test_global_threshold_exact_across_slices_blocks_and_tails(monkeypatch, dtype, density, path):
-    import merging.methods.classic as classic
+    import merging.methods.topk as topk
 
     # Small slices so that one entry spans several slices with ragged tails (not a multiple
     # of the bracket block), and a small sample so that the block-filtered path is used.
-    monkeypatch.setattr(classic, "_THRESHOLD_CHUNK", 1000)
+    monkeypatch.setattr(topk, "_THRESHOLD_CHUNK", 1000)
     g = torch.Generator().manual_seed(5)
     base = {"w": torch.randn(97, 53, generator=g).to(dtype), "b": torch.randn(61, generator=g).to(dtype)}
     base["z"] = torch.zeros(40, 41, dtype=dtype)

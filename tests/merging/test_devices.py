@@ -36,6 +36,7 @@ from merging.io import load_state_dict, save_state_dict
 from merging.methods import available_methods, get_method
 from merging.methods.classic import (
     TaskArithmetic,
+    TiesContext,
     TiesMerging,
     WeightAveraging,
     disjoint_mean,
@@ -224,9 +225,9 @@ def test_per_entry_maths_stays_on_the_fake_gpu():
             (WeightAveraging(), None),
             (WeightAveraging(weights=[1.0, 2.0, 3.0]), weights),
             (TaskArithmetic(), None),
-            (TiesMerging(), {"thresholds": thresholds, "entries": base.numel()}),
-            (TiesMerging(scope="tensor"), {"thresholds": None, "entries": base.numel()}),
-            (TiesMerging(density=1.0), {"thresholds": None, "entries": base.numel()}),
+            (TiesMerging(), TiesContext(thresholds=thresholds, entries=base.numel())),
+            (TiesMerging(scope="tensor"), TiesContext(thresholds=None, entries=base.numel())),
+            (TiesMerging(density=1.0), TiesContext(thresholds=None, entries=base.numel())),
             (NeuLigMerging(portland="unused"), weights),
         ):
             outputs.append(method.merge_entry("w", values, base, context))

@@ -201,3 +201,16 @@ def test_ddp_scaling_search_picks_what_one_process_picks(bundle_dir, tmp_path):
     expected = get_method("task_arithmetic", scaling=single.selected_scaling).merge(bundle.experts, bundle.base)
     saved = load_state_dict(save)
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+def test_evaluation_modules_declare_attributes_and_abstract_overrides():
+    from merging.modules.evaluate import _BundleEvalModule
+
+    class Incomplete(_BundleEvalModule):
+        def features(self, x):
+            return x
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete("bundle", report_ensemble=False)
+    module = MergedModule("bundle")
+    assert isinstance(module.metrics, nn.ModuleDict) and len(module.metrics) == 0
