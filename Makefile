@@ -35,6 +35,7 @@ demo: setup
 	$(PY) -m merging.experiments.demo
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(XDIST)
 
 test-fast: setup

@@ -136,7 +136,13 @@ _DEFAULT = Regime("default", "today's `make demo` regime")
 REGIMES: tuple[Regime, ...] = (
     _DEFAULT,
     replace(_DEFAULT, name="width 32", why="a wider backbone (4x parameters in the convs)", width=32),
-    replace(_DEFAULT, name="SGD lr 3e-2", why="SGD+momentum: steps follow the gradient, not Adam's sign", optimizer="sgd", lr=3e-2),
+    replace(
+        _DEFAULT,
+        name="SGD lr 3e-2",
+        why="SGD+momentum: steps follow the gradient, not Adam's sign",
+        optimizer="sgd",
+        lr=3e-2,
+    ),
     replace(_DEFAULT, name="LP-FT", why="heads linear-probed on θ₀ first (5 epochs)", probe_epochs=5),
     replace(_DEFAULT, name="LP-FT, lr 1e-4", why="probed heads and small steps", probe_epochs=5, lr=1e-4),
     replace(_DEFAULT, name="lr 3e-4", why="experts move less far", lr=3e-4),
@@ -149,12 +155,47 @@ REGIMES: tuple[Regime, ...] = (
     # Small steps for longer: experts stay close to θ₀ (where task vectors add with little
     # interference) yet train to a high accuracy.
     replace(_DEFAULT, name="lr 1e-4, 40 epochs", why="small steps, trained longer", lr=1e-4, epochs=40),
-    replace(_DEFAULT, name="LP-FT, lr 1e-4, 40 epochs", why="probed heads, small steps, trained longer", probe_epochs=5, lr=1e-4, epochs=40),
+    replace(
+        _DEFAULT,
+        name="LP-FT, lr 1e-4, 40 epochs",
+        why="probed heads, small steps, trained longer",
+        probe_epochs=5,
+        lr=1e-4,
+        epochs=40,
+    ),
     replace(_DEFAULT, name="SGD lr 1e-2", why="gentler SGD+momentum", optimizer="sgd", lr=1e-2),
-    replace(_DEFAULT, name="frozen heads", why="heads probed on θ₀, then frozen while the backbones fine-tune", probe_epochs=5, freeze_heads=True),
-    replace(_DEFAULT, name="frozen heads, lr 3e-4", why="frozen probed heads, smaller steps", probe_epochs=5, freeze_heads=True, lr=3e-4),
-    replace(_DEFAULT, name="frozen heads, SGD lr 1e-2", why="frozen probed heads, SGD+momentum", probe_epochs=5, freeze_heads=True, optimizer="sgd", lr=1e-2),
-    replace(_DEFAULT, name="frozen heads, 20 epochs", why="frozen probed heads, trained longer", probe_epochs=5, freeze_heads=True, epochs=20),
+    replace(
+        _DEFAULT,
+        name="frozen heads",
+        why="heads probed on θ₀, then frozen while the backbones fine-tune",
+        probe_epochs=5,
+        freeze_heads=True,
+    ),
+    replace(
+        _DEFAULT,
+        name="frozen heads, lr 3e-4",
+        why="frozen probed heads, smaller steps",
+        probe_epochs=5,
+        freeze_heads=True,
+        lr=3e-4,
+    ),
+    replace(
+        _DEFAULT,
+        name="frozen heads, SGD lr 1e-2",
+        why="frozen probed heads, SGD+momentum",
+        probe_epochs=5,
+        freeze_heads=True,
+        optimizer="sgd",
+        lr=1e-2,
+    ),
+    replace(
+        _DEFAULT,
+        name="frozen heads, 20 epochs",
+        why="frozen probed heads, trained longer",
+        probe_epochs=5,
+        freeze_heads=True,
+        epochs=20,
+    ),
 )
 
 
@@ -262,7 +303,9 @@ def run_seed(regime: Regime, seed: int, cache: Path, hardware: dict | None = Non
 
     row: dict[str, float] = {}
     row["experts"] = _mean_accuracy(skeleton, heads, lambda t: experts[t], test)
-    row["expert_min"] = min(_mean_accuracy(skeleton, heads[t : t + 1], lambda _: experts[t], test[t : t + 1]) for t in range(k))
+    row["expert_min"] = min(
+        _mean_accuracy(skeleton, heads[t : t + 1], lambda _: experts[t], test[t : t + 1]) for t in range(k)
+    )
     stacked = stack_states(experts)
     row["ensemble"] = _mean_accuracy(skeleton, heads, lambda _: stacked, test, ensemble=True)
     average = get_method("average").merge(experts, base)
@@ -343,18 +386,23 @@ def render(
         "",
         "Paired differences to averaging (per seed, then mean ± sd), and what the experts moved:",
         "",
-        "| setting | changes from the demo | TA val − average | wins | TIES − average | wins | ‖τ_j‖ (mean over j) | mean cos(τ_i, τ_j) | what it tests |",
+        "| setting | changes from the demo | TA val − average | wins | TIES − average | wins "
+        "| ‖τ_j‖ (mean over j) | mean cos(τ_i, τ_j) | what it tests |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for regime, rows in results:
         d_ta = [r["ta@val"] - r["average"] for r in rows]
         d_ties = [r["ties"] - r["average"] for r in rows]
         lines.append(
-            f"| {regime.name} | {regime.changes()} | {_ms(d_ta)} | {_wins(rows, 'ta@val')} | {_ms(d_ties)} | {_wins(rows, 'ties')} | "
+            f"| {regime.name} | {regime.changes()} | {_ms(d_ta)} | {_wins(rows, 'ta@val')} "
+            f"| {_ms(d_ties)} | {_wins(rows, 'ties')} | "
             f"{_ms([r['tau_norm'] for r in rows], '.2f')} | {_ms([r['cosine'] for r in rows], '.3f')} | {regime.why} |"
         )
     if missing:
-        lines += ["", f"Not finished when this file was written (the run was stopped or is running): {', '.join(missing)}."]
+        lines += [
+            "",
+            f"Not finished when this file was written (the run was stopped or is running): {', '.join(missing)}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -372,11 +420,17 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(3, 13)))
     parser.add_argument(
-        "--settings", nargs="+", default=None, choices=[r.name for r in REGIMES], metavar="NAME",
+        "--settings",
+        nargs="+",
+        default=None,
+        choices=[r.name for r in REGIMES],
+        metavar="NAME",
         help=f"run only these settings (default: all of {[r.name for r in REGIMES]})",
     )
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (each with 1 torch thread)")
-    parser.add_argument("--out", type=Path, default=None, help="report path (default: benchmarks/results/digits_regime.md)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="report path (default: benchmarks/results/digits_regime.md)"
+    )
     add_hardware_arguments(parser)
     args = parser.parse_args(argv)
     hardware = {"accelerator": args.accelerator, "devices": args.devices}
@@ -393,20 +447,36 @@ def main(argv: list[str] | None = None) -> str:
 
     def write_report() -> None:
         # Rewritten as each setting completes, so an interrupted sweep leaves its finished part.
-        done = [(r, [runs[r.name, s] for s in args.seeds]) for r in regimes if all((r.name, s) in runs for s in args.seeds)]
+        done = [
+            (r, [runs[r.name, s] for s in args.seeds]) for r in regimes if all((r.name, s) in runs for s in args.seeds)
+        ]
         missing = [r.name for r in regimes if all(r is not d for d, _ in done)]
         write_text_atomic(out, render(done, k, command.strip(), args.seeds, missing))
 
-    with tempfile.TemporaryDirectory() as cache, ProcessPoolExecutor(
-        max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet
-    ) as pool:
-        futures = {pool.submit(run_seed, r, seed, Path(cache), hardware): (r.name, seed) for r in regimes for seed in args.seeds}
+    with (
+        tempfile.TemporaryDirectory() as cache,
+        ProcessPoolExecutor(
+            max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet
+        ) as pool,
+    ):
+        futures = {
+            pool.submit(run_seed, r, seed, Path(cache), hardware): (r.name, seed)
+            for r in regimes
+            for seed in args.seeds
+        }
         for future in as_completed(futures):
             name, seed = futures[future]
             runs[name, seed] = row = future.result()
             log.info(
                 "%-16s seed %d: experts %.1f  average %.1f  TA val %.1f (λ=%g)  TIES %.1f  (%.0f s)",
-                name, seed, row["experts"], row["average"], row["ta@val"], row["lambda_val"], row["ties"], row["seconds"],
+                name,
+                seed,
+                row["experts"],
+                row["average"],
+                row["ta@val"],
+                row["lambda_val"],
+                row["ties"],
+                row["seconds"],
             )
             if all((name, s) in runs for s in args.seeds):
                 write_report()

@@ -125,7 +125,8 @@ def main() -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['seconds']:.3f} | {r['seconds'] / avg:.2f}x | {r['first']:.3f} | {r['peak_mb']:.0f} | "
+            f"| {r['method']} | {r['seconds']:.3f} | {r['seconds'] / avg:.2f}x | {r['first']:.3f} "
+            f"| {r['peak_mb']:.0f} | "
             f"{r['inputs_mb']:.0f} | {r['peak_mb'] / r['inputs_mb']:.2f} |"
         )
     table = "\n".join(lines) + "\n"

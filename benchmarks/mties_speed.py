@@ -129,8 +129,7 @@ def statistics_floor(model, base, batches, layers: list[str], experts: int) -> t
         modules = dict(model.named_modules())
         captured: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
         handles = [
-            modules[name].register_forward_pre_hook(lambda m, a, n=name: captured[n].append(a[0]))
-            for name in layers
+            modules[name].register_forward_pre_hook(lambda m, a, n=name: captured[n].append(a[0])) for name in layers
         ]
         for b in batches:
             model(b)
@@ -167,7 +166,10 @@ def main() -> None:
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(1)
     experts = [
-        {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone() for k, v in base.items()}
+        {
+            k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+            for k, v in base.items()
+        }
         for _ in range(args.experts)
     ]
     size = model.default_cfg.get("input_size", (3, 224, 224))
@@ -235,12 +237,8 @@ def main() -> None:
         ("fc1 of blocks 8-10", floor_few, "Few-Layer M-TIES (fc1 of blocks 8-10)"),
     ):
         stats_time = best[key]["stats"]
-        lines.append(
-            f"| {label} | {fwd:.2f} | {gemm:.2f} | {fwd + gemm:.2f} | {stats_time / (fwd + gemm):.2f} |"
-        )
-    all_runs = "; ".join(
-        f"{name}: " + ", ".join(f"{r['total']:.2f}" for r in rs) for name, rs in results.items()
-    )
+        lines.append(f"| {label} | {fwd:.2f} | {gemm:.2f} | {fwd + gemm:.2f} | {stats_time / (fwd + gemm):.2f} |")
+    all_runs = "; ".join(f"{name}: " + ", ".join(f"{r['total']:.2f}" for r in rs) for name, rs in results.items())
     lines += ["", f"All runs (total s): {all_runs}.", ""]
     spread = statistics.pstdev([r["total"] for r in results["TIES (global, k=0.2)"]])
     lines.append(f"TIES run-to-run spread (population sd): {spread:.2f} s.")

@@ -106,10 +106,22 @@ def main() -> None:
         start = time.perf_counter()
         experts, base = write_files(scratch, args.experts, params)
         input_gb = sum(p.stat().st_size for p in [*experts, base]) / 1e9
-        print(f"wrote {args.experts} experts + base, {input_gb:.2f} GB, in {time.perf_counter() - start:.0f} s", flush=True)
+        print(
+            f"wrote {args.experts} experts + base, {input_gb:.2f} GB, in {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
         for label, (name, hparams) in METHODS.items():
             out = scratch / "merged.safetensors"
-            cmd = [sys.executable, __file__, "--child", name, json.dumps(hparams), json.dumps([str(p) for p in experts]), str(base), str(out)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                json.dumps(hparams),
+                json.dumps([str(p) for p in experts]),
+                str(base),
+                str(out),
+            ]
             result = subprocess.run(cmd, check=True, capture_output=True, text=True)
             stats = json.loads(result.stdout.strip().splitlines()[-1])
             out.unlink()
@@ -127,14 +139,16 @@ def main() -> None:
         "resident after importing torch and `merging.methods` (mostly shared libraries), so the last column "
         "is what the merge itself holds.",
         note,
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}.",
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}.",
         "",
         "| method | inputs (GB) | wall (s) | peak RSS (MB) | RSS before merge (MB) | peak − before (MB) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for label, stats in rows:
         lines.append(
-            f"| {label} | {input_gb:.2f} | {stats['wall_s']:.1f} | {stats['peak_rss_mb']:.0f} | {stats['rss_before_mb']:.0f} | "
+            f"| {label} | {input_gb:.2f} | {stats['wall_s']:.1f} | {stats['peak_rss_mb']:.0f} "
+            f"| {stats['rss_before_mb']:.0f} | "
             f"{stats['peak_rss_mb'] - stats['rss_before_mb']:.0f} |"
         )
     lines.append("")

@@ -69,7 +69,10 @@ class ExpertBundle:
         for t, state in enumerate(self.heads):
             out_features, in_features = state["weight"].shape
             if out_features != self.num_classes[t]:
-                raise ValueError(f"head {t} has {out_features} outputs, task {self.task_names[t]!r} has {self.num_classes[t]} classes")
+                raise ValueError(
+                    f"head {t} has {out_features} outputs, "
+                    f"task {self.task_names[t]!r} has {self.num_classes[t]} classes"
+                )
             head = nn.Linear(in_features, out_features)
             head.load_state_dict(state, strict=True)
             heads.append(head)

@@ -32,8 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from merging.methods import get_method
-from merging.state import StateDict, check_compatible, is_mergeable
+from merging.state import StateDict, average_states, check_compatible, is_mergeable
 
 Scenario = Literal["single", "all", "first_only", "all_but_first"]
 Combiner = Literal["soup", "logit", "feature", "greedy_soup"]
@@ -130,12 +129,6 @@ def head_state(state: Mapping[str, Tensor], head: str) -> StateDict:
     if not out:
         raise KeyError(f"no state-dict entry starts with {prefix!r}")
     return out
-
-
-def average_states(states: Sequence[Mapping[str, Tensor]]) -> StateDict:
-    """The uniform soup (1/M) Σ_m θ_m (the registry's ``average`` method; integer buffers are
-    copied from the first state)."""
-    return get_method("average").merge(states)
 
 
 def ensemble_logits(outputs: Sequence[Outputs]) -> Tensor:

@@ -439,7 +439,10 @@ def accuracy_bars(summary: Sequence[Mapping[str, Any]], path: str | Path, refere
     means = [100 * e["test/acc_mean"] for e in summary]
     sds = [100 * e["test/acc_mean_sd"] for e in summary]
     ref = next(100 * e["test/acc_mean"] for e in summary if e["model"] == reference)
-    colors = ["tab:gray" if l.startswith("expert") else "tab:green" if l == reference else "tab:blue" for l in labels]
+    colors = [
+        "tab:gray" if label.startswith("expert") else "tab:green" if label == reference else "tab:blue"
+        for label in labels
+    ]
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(labels)), 4))
     ax.bar(range(len(labels)), means, yerr=sds, color=colors, capsize=3)
     ax.axhline(ref, color="tab:green", linestyle="--", linewidth=1, label=reference)

@@ -344,7 +344,8 @@ class _Accumulator:
         # The summary is K-sized: one copy to the CPU, then plain floats and CPU tensors.
         host = {name: v.cpu() for name, v in sums.items()}
         layers = {
-            n: {s: v.cpu() if isinstance(v, Tensor) else v for s, v in layer.items()} for n, layer in self.layers.items()
+            n: {s: v.cpu() if isinstance(v, Tensor) else v for s, v in layer.items()}
+            for n, layer in self.layers.items()
         }
         gram = host["gram"]
         norms = torch.diagonal(gram).clamp_min(0).sqrt()

@@ -143,7 +143,15 @@ class LazySafetensors(Mapping[str, Tensor]):
                     f"(supported: {', '.join(SAFETENSORS_DTYPES)})"
                 )
             begin, end = info["data_offsets"]
-            entries.append((begin, key, _Entry(tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], data_start + begin, data_start + end)))
+            entries.append(
+                (
+                    begin,
+                    key,
+                    _Entry(
+                        tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], data_start + begin, data_start + end
+                    ),
+                )
+            )
         self._entries: dict[str, _Entry] = {key: entry for _, key, entry in sorted(entries)}
 
     def __getitem__(self, key: str) -> Tensor:
@@ -284,7 +292,11 @@ def _encode_header(layout: Mapping[str, Tensor], metadata: Mapping[str, str] | N
                 f"(supported: {', '.join(str(d) for d in _DTYPE_CODES)})"
             )
         size = spec.numel() * spec.element_size()
-        header[key] = {"dtype": _DTYPE_CODES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + size]}
+        header[key] = {
+            "dtype": _DTYPE_CODES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     return raw + b" " * (-len(raw) % 8)
@@ -369,7 +381,7 @@ def merge_files(
         task = _add_task(bar, f"{method.name}: merge", len(layout))
 
         def merged_entries() -> Iterator[tuple[str, Tensor]]:
-            for key, spec in layout.items():
+            for key in layout:
                 base_value = base[key] if base is not None else None
                 yield key, method.merge_entry(key, _EntryValues(experts, key), base_value, context)
                 _advance(bar, task)
@@ -377,7 +389,11 @@ def merge_files(
         stream_safetensors(out_path, layout, merged_entries(), metadata)
     log.info(
         "%s: merged %d experts into %s (%d tensors) in %.1f s",
-        method.name, len(experts), out_path, len(layout), time.perf_counter() - started,
+        method.name,
+        len(experts),
+        out_path,
+        len(layout),
+        time.perf_counter() - started,
     )
     return out_path
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,25 @@ def test_stability_and_reports_import_no_lightning_and_no_callbacks(forbidden):
     }
     offenders = {module: names for module, names in offenders.items() if names}
     assert not offenders, f"{sorted(offenders)} import {forbidden}: {offenders}"
+
+
+MAX_MODULE_LINES = 700
+"""A reader holds one concern per module: no library module grows past this."""
+
+
+def test_no_library_module_is_over_the_line_budget():
+    long = {
+        name: n
+        for name, path in _project_modules().items()
+        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
+
+def test_no_module_reaches_into_lightnings_private_trainer():
+    offenders = [
+        name
+        for name, path in _project_modules().items()
+        if re.search(r"\._trainer\b", path.read_text())
+    ]
+    assert not offenders, f"use self.trainer (Lightning's public API), not _trainer: {offenders}"

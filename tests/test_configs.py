@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from merging.cli import MergingCLI
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
@@ -23,5 +24,10 @@ def test_config_instantiates(config, tmp_path, monkeypatch):
 def test_data_config_composes_with_a_model_config(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     merge = Path(config).parents[1] / "merge" / "average.yaml"
-    cli = MergingCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["--config", str(merge), "--config", str(config)])
+    cli = MergingCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=["--config", str(merge), "--config", str(config)],
+    )
     assert type(cli.datamodule).__name__ in {"DigitsTasks", "FashionMNISTTasks"}

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from merging._validation import (
-    check_bool,
     check_activation_map,
+    check_bool,
     check_callable,
     check_choice,
     check_int,

@@ -85,12 +85,13 @@ class StabilityMonitor(Callback):
     (``batch_size_fn``, by default Lightning's ``extract_batch_size``) times the world size.
     ‖g_t‖ is read in ``on_before_optimizer_step``, after backward and gradient unscaling
     (mixed precision), before clipping. A step that a gradient scaler (16-mixed) skips because
-    the gradient is not finite is not a step: it records no η_t, ‖g_t‖ or update. The update θ_{t+1} − θ_t is the change between two
-    consecutive optimizer steps, floating buffers (BatchNorm statistics) included, so the path
-    length bounds ‖τ‖ by the triangle inequality. Parameters of a single model that are frozen
-    (``requires_grad=False``) when fit starts are left out. With several optimizers stepping in one
-    batch (manual optimization), each model's η and ‖g‖ come from the optimizer holding its
-    parameters and the update is measured once per batch.
+    the gradient is not finite is not a step: it records no η_t, ‖g_t‖ or update. The update
+    θ_{t+1} − θ_t is the change between two consecutive optimizer steps, floating buffers
+    (BatchNorm statistics) included, so the path length bounds ‖τ‖ by the triangle inequality.
+    Parameters of a single model that are frozen (``requires_grad=False``) when fit starts are
+    left out. With several optimizers stepping in one batch (manual optimization), each model's
+    η and ‖g‖ come from the optimizer holding its parameters and the update is measured once per
+    batch.
 
     **DDP.** Parameters, their all-reduced gradients and the learning rates are the same on
     every rank, so every quantity but the training loss is global as computed; the training

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from merging.datamodules.class_groups import ClassGroupTasks, DEFAULT_GROUPS, class_group_tasks
+from merging.datamodules.class_groups import DEFAULT_GROUPS, ClassGroupTasks, class_group_tasks
 from merging.datamodules.multitask import Task
 
 

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from merging._validation import check_int, check_str
 from merging.datamodules import idx
-from merging.datamodules.class_groups import ClassGroupTasks, DEFAULT_GROUPS, class_group_tasks, subsample_per_class
+from merging.datamodules.class_groups import DEFAULT_GROUPS, ClassGroupTasks, class_group_tasks, subsample_per_class
 from merging.datamodules.multitask import Task
 
 FASHION_MNIST_CLASSES: tuple[str, ...] = (

@@ -44,9 +44,9 @@ from merging.experiments.trainers import add_hardware_arguments, quiet_trainer
 from merging.io import write_text_atomic
 from merging.methods import available_methods, get_method
 from merging.mloss import m_loss
+from merging.modules import EnsembleModule, MergedModule, MultiExpertModule, NeuLigModule, PretrainModule
 from merging.report import accuracy_bars, accuracy_table, summarise
 from merging.stability import task_vector_stats
-from merging.modules import EnsembleModule, MergedModule, MultiExpertModule, NeuLigModule, PretrainModule
 
 #: Hyperparameters of each method in the demo (defaults of the papers unless noted).
 DEMO_METHODS: dict[str, dict[str, Any]] = {
@@ -103,7 +103,10 @@ def render_stability(stability: list[list[dict]]) -> Table:
     dispersion = statistics.fmean(rows[0]["dispersion"] for rows in stability)
     conflict = statistics.fmean(rows[0]["sign_conflict"] for rows in stability)
     table = Table(
-        title=f"Experts' stability (mean over seeds): dispersion D = {dispersion:.3g}, sign conflict {100 * conflict:.1f}%"
+        title=(
+            f"Experts' stability (mean over seeds): dispersion D = {dispersion:.3g}, "
+            f"sign conflict {100 * conflict:.1f}%"
+        )
     )
     for h in ("expert", "Λ = Σ η_t", "path length", "‖τ_j‖", "mean cos(τ_j, τ_i)"):
         table.add_column(h, justify="left" if h == "expert" else "right")
@@ -162,7 +165,11 @@ def run_seed(
     )
     monitor = StabilityMonitor(sparsifiers=())
     fit = quiet_trainer(
-        **hardware, max_epochs=args.expert_epochs, limit_val_batches=0, callbacks=[monitor], default_root_dir=str(run_dir)
+        **hardware,
+        max_epochs=args.expert_epochs,
+        limit_val_batches=0,
+        callbacks=[monitor],
+        default_root_dir=str(run_dir),
     )
     fit.fit(experts, data)
     step("experts fine-tuned")
@@ -256,7 +263,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     stability: list[list[dict]] = []
     mloss: list[dict] = []
     steps_per_seed = 3 + len(methods) + (1 if args.neulig_epochs else 0)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
         bar = progress.add_task("demo", total=steps_per_seed * len(args.seeds))
         for seed in args.seeds:
 
@@ -279,7 +292,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in methods:
         chosen = [r["test/selected_scaling"] for r in rows if r["model"] == searched_label(name)]
         if chosen:
-            console.print(f"{name}: λ chosen on validation per seed {args.seeds}: {', '.join(f'{c:g}' for c in chosen)}")
+            console.print(
+                f"{name}: λ chosen on validation per seed {args.seeds}: {', '.join(f'{c:g}' for c in chosen)}"
+            )
     console.print(render_stability(stability))
     console.print(render_mloss(mloss))
     console.print(

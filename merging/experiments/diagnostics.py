@@ -30,7 +30,6 @@ from merging.diagnostics import (
     AveragingReport,
     ScalingReport,
     TemplateReport,
-    average_states,
     class_mean_images,
     collect_outputs,
     magnitude_stability,
@@ -42,7 +41,7 @@ from merging.diagnostics import (
 from merging.experiments.training import train_sgd
 from merging.io import write_atomic, write_text_atomic
 from merging.models import build_backbone
-from merging.state import StateDict
+from merging.state import StateDict, average_states
 
 log = logging.getLogger(__name__)
 

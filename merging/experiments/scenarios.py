@@ -38,7 +38,6 @@ from rich.table import Table
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from merging.datamodules import DigitsTasks
 from merging.alignment import (
     ActPoint,
     MatchResult,
@@ -50,14 +49,14 @@ from merging.alignment import (
     merge_state_dicts,
 )
 from merging.alignment.apply import batchnorm_modules, reset_batchnorm
+from merging.datamodules import DigitsTasks
 from merging.experiments.trainers import add_hardware_arguments, quiet_trainer
 from merging.io import write_text_atomic
-from merging.report import accuracy_table, summarise
-from merging.methods import get_method
 from merging.methods.mudsc import MuDSC
 from merging.models import build_backbone
 from merging.modules import MultiExpertModule
-from merging.state import StateDict, check_compatible
+from merging.report import accuracy_table, summarise
+from merging.state import StateDict, average_states, check_compatible
 
 #: Name of the node :func:`feature_spec` adds for the backbone's output units.
 FEATURE_NODE = "output"
@@ -279,7 +278,7 @@ def run_different_init_seed(
     for label, hparams in merges.items():
         start = time.perf_counter()
         if hparams is None:
-            merged, merged_heads = get_method("average").merge(experts), heads
+            merged, merged_heads = average_states(experts), heads
         else:
             method = MuDSC(spec=spec, seed=seed, **hparams)
             merged, merged_heads = merge_with_heads(method, experts, heads, model=skeleton, data=unlabeled)

@@ -33,7 +33,10 @@ def add_hardware_arguments(parser: Any) -> None:
         "--accelerator", default="auto", help="Lightning accelerator: auto (a GPU where there is one), cpu, gpu, ..."
     )
     parser.add_argument(
-        "--devices", type=_devices, default=1, help="Lightning devices: a count, a list such as 0,1, or auto (default 1)"
+        "--devices",
+        type=_devices,
+        default=1,
+        help="Lightning devices: a count, a list such as 0,1, or auto (default 1)",
     )
 
 

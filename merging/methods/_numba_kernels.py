@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-
 BLOCK = 4096
 """Entries of one key handled by one parallel task."""
 

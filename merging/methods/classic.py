@@ -129,7 +129,9 @@ class TiesMerging(MergeMethod):
     paper = "https://arxiv.org/abs/2306.01708"
     requires_base = True
 
-    def __init__(self, density: float = 0.2, scaling: float = 1.0, scope: Literal["global", "tensor"] = "global") -> None:
+    def __init__(
+        self, density: float = 0.2, scaling: float = 1.0, scope: Literal["global", "tensor"] = "global"
+    ) -> None:
         owner = self.name
         self.density = check_float("density", density, low=0.0, high=1.0, owner=owner)
         self.scaling = check_float("scaling", scaling, owner=owner)

@@ -22,11 +22,11 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from merging._validation import check_bool, check_choice, check_float, check_int
 from merging.alignment.apply import batchnorm_modules, check_model_keys, merge_entry, reset_batchnorm
 from merging.alignment.builders import build_spec
 from merging.alignment.matching import MatchConfig, MatchResult, match_models
 from merging.alignment.spec import PermSpec
-from merging._validation import check_bool, check_choice, check_float, check_int
 from merging.methods.base import MergeMethod, register_method
 from merging.state import StateDict
 

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torchmetrics.classification import MulticlassAccuracy
 
-from merging.accuracy import accuracy_by_task
 from merging._validation import check_bool, check_float_list, check_int, check_int_list, check_str
+from merging.accuracy import accuracy_by_task
 from merging.bundle import ExpertBundle
 from merging.io import save_state_dict
 from merging.methods.base import MergeMethod

@@ -79,7 +79,11 @@ class _TaskModule(pl.LightningModule):
             self.task_names = list(datamodule.task_names)
             self.num_classes = list(datamodule.num_classes)
             self._build_heads()
-        elif datamodule is not None and hasattr(datamodule, "num_classes") and list(datamodule.num_classes) != self.num_classes:
+        elif (
+            datamodule is not None
+            and hasattr(datamodule, "num_classes")
+            and list(datamodule.num_classes) != self.num_classes
+        ):
             raise ValueError(
                 f"{type(self).__name__}: num_classes={self.num_classes} does not match the "
                 f"datamodule's {list(datamodule.num_classes)}"

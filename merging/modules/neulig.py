@@ -54,9 +54,9 @@ from merging.neulig import (
     CoopVecSummary,
     MergeMode,
     Portland,
+    concat_features,
     coopvec_ensemble,
     coopvec_statistics,
-    concat_features,
     expert_features,
     mean_coopvec,
     merged_features,
@@ -66,7 +66,6 @@ from merging.neulig import (
     summarize_coopvec,
 )
 from merging.state import StateDict
-
 
 
 class CoopVecStats(Metric):

@@ -76,7 +76,9 @@ class _JointExperts(LightningModule, HasExperts):
         self.skeleton.requires_grad_(False)
         self.experts = nn.ModuleList(copy.deepcopy(self.skeleton).requires_grad_(True) for _ in range(num_experts))
         self.skeleton_forwards = 0
-        self.skeleton.register_forward_pre_hook(lambda *args: setattr(self, "skeleton_forwards", self.skeleton_forwards + 1))
+        self.skeleton.register_forward_pre_hook(
+            lambda *args: setattr(self, "skeleton_forwards", self.skeleton_forwards + 1)
+        )
 
     def expert_state_dicts(self):
         return [e.state_dict() for e in self.experts]
@@ -198,9 +200,7 @@ def test_multi_expert_module_measures_its_experts(tmp_path):
     loader = _loader()
     monitor = MLossMonitor(every_n_train_steps=4, num_batches=2)
     _trainer(tmp_path, [monitor], max_steps=4).fit(module, loader)
-    want = m_loss(
-        module.skeleton, module.expert_state_dicts(), _first_inputs(loader, 2), base=module.base_state_dict()
-    )
+    want = m_loss(module.skeleton, module.expert_state_dicts(), _first_inputs(loader, 2), base=module.base_state_dict())
     logged = monitor.history[-1]
     assert logged["mloss/layer/0"] == pytest.approx(want.layer["0"], rel=1e-5)
     assert logged["mloss/layer/output"] == pytest.approx(want.layer[OUTPUT], rel=1e-5)

@@ -18,9 +18,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from merging.callbacks import ExpertDriftStopper, StabilityMonitor
-from merging.stability_stats import drift_ratios
 from merging.modules.protocols import HasExperts
 from merging.stability import task_vector_stats
+from merging.stability_stats import drift_ratios
 
 
 def make_trainer(tmp_path, callbacks, **kwargs) -> Trainer:

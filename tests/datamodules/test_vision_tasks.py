@@ -23,7 +23,7 @@ def no_debian(monkeypatch, tmp_path):
 
 def write_eurosat(root: Path, per_class: int = 3) -> None:
     rng = np.random.default_rng(0)
-    for c, name in enumerate(VISION_DATASETS["eurosat"].required):
+    for name in VISION_DATASETS["eurosat"].required:
         folder = root / "eurosat" / "2750" / name
         folder.mkdir(parents=True)
         for i in range(per_class):

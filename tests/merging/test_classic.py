@@ -27,7 +27,10 @@ def random_states(k: int, seed: int = 0, dtype=torch.float32, scale: float = 0.1
     base["bn.num_batches_tracked"] = torch.tensor(7)
     experts = []
     for j in range(k):
-        e = {n: (v + scale * torch.randn(v.shape, generator=g).to(dtype)) if v.is_floating_point() else v + j + 1 for n, v in base.items()}
+        e = {
+            n: (v + scale * torch.randn(v.shape, generator=g).to(dtype)) if v.is_floating_point() else v + j + 1
+            for n, v in base.items()
+        }
         experts.append(e)
     return experts, base
 
@@ -201,7 +204,10 @@ def test_single_expert(name):
     torch.testing.assert_close(merged["a.weight"], experts[0]["a.weight"])
 
 
-@pytest.mark.parametrize("name,hparams", [("average", {}), ("task_arithmetic", {}), ("ties", {"density": 0.3}), ("ties", {"scope": "tensor"})])
+@pytest.mark.parametrize(
+    "name,hparams",
+    [("average", {}), ("task_arithmetic", {}), ("ties", {"density": 0.3}), ("ties", {"scope": "tensor"})],
+)
 def test_expert_order_does_not_matter(name, hparams):
     experts, base = random_states(3, seed=8)
     method = get_method(name, **hparams)
@@ -237,7 +243,12 @@ def test_dare_global_ties_threshold_sees_the_same_drop():
     from merging.methods.classic import dare_drop, entry_generator
 
     dropped = [
-        {k: (dare_drop(torch.stack([e[k] for e in experts]) - v, 0.5, entry_generator(3, k))[j] + v) if v.is_floating_point() else v for k, v in base.items()}
+        {
+            k: (dare_drop(torch.stack([e[k] for e in experts]) - v, 0.5, entry_generator(3, k))[j] + v)
+            if v.is_floating_point()
+            else v
+            for k, v in base.items()
+        }
         for j in range(3)
     ]
     ref = naive_ties(dropped, base, 0.4, 1.0)
@@ -352,7 +363,16 @@ def test_global_threshold_exact_across_slices_blocks_and_tails(monkeypatch, dtyp
         assert thr[j] == torch.sort(flat, descending=True).values[n - 1], (j, dtype, density)
 
 
-@pytest.mark.parametrize("hparams", [{"density": 0.2}, {"density": 0.05, "scaling": 0.7}, {"density": 1.0}, {"density": 0.0}, {"density": 0.3, "scope": "tensor"}])
+@pytest.mark.parametrize(
+    "hparams",
+    [
+        {"density": 0.2},
+        {"density": 0.05, "scaling": 0.7},
+        {"density": 1.0},
+        {"density": 0.0},
+        {"density": 0.3, "scope": "tensor"},
+    ],
+)
 def test_fused_kernels_agree_with_torch_path(hparams, fused):
     # Entries larger than one kernel block (4096) with ragged tails, a tiny one, repeated
     # magnitudes (ties at the threshold) and exact zeros in the task vectors.
@@ -360,7 +380,7 @@ def test_fused_kernels_agree_with_torch_path(hparams, fused):
     shapes = {"w": (130, 70), "v": (5000,), "b": (3,), "q": (64, 64)}
     base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     experts = []
-    for j in range(5):
+    for _ in range(5):
         e = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
         e["q"] = base["q"] + 0.25 * torch.randint(-2, 3, (64, 64), generator=g).float()
         experts.append(e)

@@ -28,8 +28,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from merging.datamodules import DigitsTasks
 from merging.io import load_state_dict, save_state_dict
@@ -66,14 +66,19 @@ def default_device_meta() -> Iterator[None]:
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4)
+    )
 
 
 def _states(model: nn.Module, device: str = "cpu") -> tuple[list[dict], dict]:
     g = torch.Generator().manual_seed(1)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     experts = [
-        {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone() for k, v in base.items()}
+        {
+            k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+            for k, v in base.items()
+        }
         for _ in range(K)
     ]
     move = lambda s: {k: v.to(device) for k, v in s.items()}  # noqa: E731
@@ -235,7 +240,9 @@ def test_per_entry_maths_stays_on_the_fake_gpu():
         outputs.append(TaskArithmetic().merge_entry("w", bf16, base.to(torch.bfloat16), None))
         acc = _Accumulator(torch.full((K,), 1.0 / K, dtype=torch.float64), None)
         acc.add("layer.w", tau, tau - tau[:1])
-        outputs += [v for v in acc.sums.values()] + [v for v in acc.layers["layer"].values() if isinstance(v, torch.Tensor)]
+        outputs += [v for v in acc.sums.values()] + [
+            v for v in acc.layers["layer"].values() if isinstance(v, torch.Tensor)
+        ]
         for out in outputs:
             assert out.device.type == "cuda"
 
@@ -333,7 +340,9 @@ def test_half_precision_experts_on_cuda():
         cast = lambda s: {k: v.to(dtype) if v.is_floating_point() else v for k, v in s.items()}  # noqa: E731
         for name in ("average", "task_arithmetic", "ties"):
             got = get_method(name).merge([cast(e) for e in experts], cast(base))
-            want = get_method(name).merge([{k: v.cpu() for k, v in cast(e).items()} for e in experts], {k: v.cpu() for k, v in cast(base).items()})
+            want = get_method(name).merge(
+                [{k: v.cpu() for k, v in cast(e).items()} for e in experts], {k: v.cpu() for k, v in cast(base).items()}
+            )
             for key, value in want.items():
                 assert got[key].device.type == "cuda" and got[key].dtype == value.dtype
                 torch.testing.assert_close(got[key].cpu().float(), value.float(), rtol=1e-2, atol=1e-2)
@@ -364,7 +373,9 @@ def test_merged_module_merges_and_searches_on_the_gpu(tmp_path):
             save_path=str(tmp_path / f"merged_{accelerator}.safetensors"),
         )
         spy = _MergedWhen()
-        trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False, callbacks=[spy])
+        trainer = pl.Trainer(
+            accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False, callbacks=[spy]
+        )
         trainer.test(module, DigitsTasks(batch_size=64), verbose=False)
         assert spy.devices == {"cuda" if accelerator == "gpu" else "cpu"}
         results[accelerator], searches[accelerator] = module.results, module.scaling_search

@@ -42,7 +42,9 @@ def test_real_lightning_checkpoint(tmp_path):
     import lightning.pytorch as pl
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    trainer = pl.Trainer(max_steps=2, default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=2, default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.fit(BoringModel())
     ckpt = next(tmp_path.rglob("*.ckpt"))
     loaded = load_state_dict(ckpt, prefix="layer.")

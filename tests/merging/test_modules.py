@@ -8,15 +8,22 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from merging.datamodules import DigitsTasks
 from merging.bundle import ExpertBundle
+from merging.datamodules import DigitsTasks
 from merging.io import load_state_dict
 from merging.methods import get_method
 from merging.modules import EnsembleModule, HasExperts, MergedModule, MultiExpertModule, PretrainModule
 
 
 def trainer(**kwargs) -> pl.Trainer:
-    base = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    base = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     return pl.Trainer(**(base | kwargs))
 
 
@@ -26,8 +33,12 @@ def bundle_dir(tmp_path_factory):
     pl.seed_everything(0)
     data = DigitsTasks(batch_size=32, seed=0)
     kwargs = {"backbone_kwargs": {"width": 8, "num_features": 32}}
-    trainer(max_epochs=3, limit_val_batches=0).fit(PretrainModule(**kwargs, export_path=str(root / "base.safetensors")), data)
-    experts = MultiExpertModule(**kwargs, lr=3e-3, base_checkpoint=str(root / "base.safetensors"), export_dir=str(root / "experts"))
+    trainer(max_epochs=3, limit_val_batches=0).fit(
+        PretrainModule(**kwargs, export_path=str(root / "base.safetensors")), data
+    )
+    experts = MultiExpertModule(
+        **kwargs, lr=3e-3, base_checkpoint=str(root / "base.safetensors"), export_dir=str(root / "experts")
+    )
     trainer(max_epochs=4).fit(experts, data)
     return root / "experts"
 
@@ -128,12 +139,18 @@ def test_merged_module_chooses_scaling_on_validation(bundle_dir, tmp_path):
     grid = [1.0, 0.1, 0.5, 0.25]
     save = tmp_path / "merged.safetensors"
     module = MergedModule(
-        str(bundle_dir), method=get_method("task_arithmetic"), scaling_grid=grid, report_ensemble=False, save_path=str(save)
+        str(bundle_dir),
+        method=get_method("task_arithmetic"),
+        scaling_grid=grid,
+        report_ensemble=False,
+        save_path=str(save),
     )
     trainer().test(module, data, verbose=False)
     bundle = ExpertBundle.load(bundle_dir)
     expected = {
-        s: _validation_accuracy(bundle, get_method("task_arithmetic", scaling=s).merge(bundle.experts, bundle.base), data)
+        s: _validation_accuracy(
+            bundle, get_method("task_arithmetic", scaling=s).merge(bundle.experts, bundle.base), data
+        )
         for s in sorted(grid)
     }
     assert list(module.scaling_search) == sorted(grid)
@@ -190,11 +207,17 @@ def test_ddp_scaling_search_picks_what_one_process_picks(bundle_dir, tmp_path):
     rank zero saves the merge at the λ a single process chooses."""
     data = DigitsTasks(batch_size=64, seed=0)
     grid = [0.1, 0.3, 0.6, 1.0]
-    single = MergedModule(str(bundle_dir), method=get_method("task_arithmetic"), scaling_grid=grid, report_ensemble=False)
+    single = MergedModule(
+        str(bundle_dir), method=get_method("task_arithmetic"), scaling_grid=grid, report_ensemble=False
+    )
     trainer().test(single, data, verbose=False)
     save = tmp_path / "merged.safetensors"
     ddp = MergedModule(
-        str(bundle_dir), method=get_method("task_arithmetic"), scaling_grid=grid, report_ensemble=False, save_path=str(save)
+        str(bundle_dir),
+        method=get_method("task_arithmetic"),
+        scaling_grid=grid,
+        report_ensemble=False,
+        save_path=str(save),
     )
     trainer(devices=2, strategy="ddp_spawn").test(ddp, data, verbose=False)
     bundle = ExpertBundle.load(bundle_dir)

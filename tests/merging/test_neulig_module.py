@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from merging.datamodules import DigitsTasks
 from merging.bundle import ExpertBundle
+from merging.datamodules import DigitsTasks
 from merging.io import save_state_dict
 from merging.methods import get_method
 from merging.models import build_backbone
@@ -165,7 +165,14 @@ def test_rejects_mismatched_tasks_and_mixed_batches(bundle_dir, tmp_path):
         model.training_step((torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)), 0)
     bundle = ExpertBundle.load(bundle_dir)
     one = ExpertBundle(
-        "mlp", BACKBONE, 1, bundle.task_names[:1], bundle.num_classes[:1], bundle.base, bundle.experts[:1], bundle.heads[:1]
+        "mlp",
+        BACKBONE,
+        1,
+        bundle.task_names[:1],
+        bundle.num_classes[:1],
+        bundle.base,
+        bundle.experts[:1],
+        bundle.heads[:1],
     )
     with pytest.raises(ValueError, match="needs at least 2 experts"):
         NeuLigModule(str(one.save(tmp_path / "one"))).configure_model()

@@ -64,7 +64,12 @@ def test_paired_gaps_to_several_references():
     assert by_model["ties"]["vs_average_sd"] == pytest.approx(0.2121320, rel=1e-5)
     assert "vs_average" not in by_model["average"] and "gap_to_ensemble" not in by_model["ensemble"]
     _, markdown = accuracy_table(
-        summary, ["a"], title="t", gap_key="gap_to_ensemble", gap_label="gap to ensemble", more_gaps=[("vs_average", "vs average")]
+        summary,
+        ["a"],
+        title="t",
+        gap_key="gap_to_ensemble",
+        gap_label="gap to ensemble",
+        more_gaps=[("vs_average", "vs average")],
     )
     lines = markdown.splitlines()
     assert lines[0] == "| model | a | mean acc (%) | gap to ensemble (pts) | vs average (pts) | merge time (s) |"
@@ -90,8 +95,13 @@ def report_data(multi_expert: bool, **settings) -> StabilityReportData:
         trajectories.append(stats)
     dense = task_vector_stats(experts, base)
     history = [
-        {"step": 4, "tau_norm": dense.norms.tolist(), "lr_integral": [s.lr_integral for s in trajectories],
-         "path_length": [s.path_length for s in trajectories], "dispersion": dense.dispersion}
+        {
+            "step": 4,
+            "tau_norm": dense.norms.tolist(),
+            "lr_integral": [s.lr_integral for s in trajectories],
+            "path_length": [s.path_length for s in trajectories],
+            "dispersion": dense.dispersion,
+        }
     ]
     defaults = dict(track_updates=True, drift_factor=1.5, density=0.2, drop_rate=0.9, top_layers=5)
     return StabilityReportData(

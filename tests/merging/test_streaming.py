@@ -32,7 +32,10 @@ def make_state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch
 
 def write_experts(tmp_path, num_experts: int = 3, dtype: torch.dtype = torch.float32):
     base = make_state(100, dtype)
-    experts = [{k: (v + 0.1 * make_state(j, dtype)[k] if v.is_floating_point() else make_state(j)[k]) for k, v in base.items()} for j in range(num_experts)]
+    experts = [
+        {k: (v + 0.1 * make_state(j, dtype)[k] if v.is_floating_point() else make_state(j)[k]) for k, v in base.items()}
+        for j in range(num_experts)
+    ]
     paths = []
     for j, state in enumerate(experts):
         paths.append(tmp_path / f"expert{j}.safetensors")
@@ -117,7 +120,9 @@ def test_large_tensors_are_read_into_their_own_buffers(tmp_path):
     first.mul_(2)  # writable, and not shared with the next read
     assert torch.equal(second, torch.arange(400_000, dtype=torch.float64))
     assert lazy["big"].dtype == torch.bfloat16 and torch.equal(lazy["big"], big)
-    assert torch.equal(load_file(stream_safetensors(tmp_path / "copy.safetensors", lazy.header(), lazy.items()))["big"], big)
+    assert torch.equal(
+        load_file(stream_safetensors(tmp_path / "copy.safetensors", lazy.header(), lazy.items()))["big"], big
+    )
 
 
 def test_lazy_missing_and_bad_files_name_the_file(tmp_path):
@@ -136,7 +141,10 @@ def test_lazy_missing_and_bad_files_name_the_file(tmp_path):
 
 def test_check_compatible_on_lazy_files_holds_few_tensors(tmp_path):
     """check_compatible(check_values=True) walks key by key: a few tensors alive, not all."""
-    states = [{f"layer{i}": torch.randn(8, generator=torch.Generator().manual_seed(10 * j + i)) for i in range(20)} for j in range(4)]
+    states = [
+        {f"layer{i}": torch.randn(8, generator=torch.Generator().manual_seed(10 * j + i)) for i in range(20)}
+        for j in range(4)
+    ]
     paths = []
     for j, state in enumerate(states):
         paths.append(tmp_path / f"e{j}.safetensors")

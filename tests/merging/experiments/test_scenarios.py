@@ -18,8 +18,6 @@ from merging.alignment import (
     permute_state_dict,
     random_permutations,
 )
-from merging.methods.mudsc import MuDSC
-from merging.models import MLP, SmallCNN
 from merging.experiments.scenarios import (
     DIFFERENT_INIT_MERGES,
     EXPERTS_LABEL,
@@ -29,6 +27,8 @@ from merging.experiments.scenarios import (
     merge_with_heads,
     transform_heads,
 )
+from merging.methods.mudsc import MuDSC
+from merging.models import MLP, SmallCNN
 
 
 def _gen(seed: int) -> torch.Generator:
