@@ -109,14 +109,9 @@ def check_compatible(
     for name, state in named[1:]:
         keys = set(state.keys())
         if keys != ref_keys:
-            missing = sorted(ref_keys - keys)
-            extra = sorted(keys - ref_keys)
-            parts = []
-            if missing:
-                parts.append(f"missing keys {_preview(missing)}")
-            if extra:
-                parts.append(f"unexpected keys {_preview(extra)}")
-            raise StateDictError(f"{name} does not match {ref_name}: " + "; ".join(parts))
+            raise StateDictError(
+                f"{name} does not match {ref_name}: {key_mismatch(sorted(ref_keys - keys), sorted(keys - ref_keys))}"
+            )
     for key in ref.keys():
         ref_t = ref[key]
         if not isinstance(ref_t, Tensor):
@@ -134,6 +129,14 @@ def check_compatible(
         if check_values:
             for name, state in named:
                 check_finite(state[key], key, name)
+
+
+def key_mismatch(missing: list[str], extra: list[str]) -> str:
+    """``"missing keys [...]; unexpected keys [...]"``, each list cut to a preview."""
+    parts = [f"missing keys {_preview(missing)}"] if missing else []
+    if extra:
+        parts.append(f"unexpected keys {_preview(extra)}")
+    return "; ".join(parts)
 
 
 def _preview(keys: list[str], limit: int = 5) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from merging.state import StateDictError, partial_merge, weighted_average
+from merging.state import StateDictError, key_mismatch, partial_merge, weighted_average
 
 
 def merge_weights(weights: Sequence[float] | Tensor | None, num_experts: int) -> Tensor:
@@ -52,12 +52,7 @@ def check_state_keys(model: nn.Module, state: Mapping[str, Tensor], owner: str) 
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
     if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if extra:
-            parts.append(f"unexpected keys {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-        raise StateDictError(f"{owner} is not keyed like model.state_dict(): " + "; ".join(parts))
+        raise StateDictError(f"{owner} is not keyed like model.state_dict(): {key_mismatch(missing, extra)}")
     for key, ref in expected.items():
         if state[key].shape != ref.shape:
             raise StateDictError(
