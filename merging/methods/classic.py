@@ -10,7 +10,8 @@ the task-arithmetic sum or TIES.
 Devices: every tensor made here takes its device from the inputs, and a merge returns its
 output on the input device. The result is the same on every device up to float rounding
 (reductions may sum in another order), except DARE's masks, which are drawn on the inputs'
-device type. CPU float32 TIES of large models runs fused numba kernels
+device type (and, for CPU float32 merges on the numba kernels, by a hash: see
+:class:`Dare`'s ``rng``). CPU float32 TIES and DARE of large models run fused numba kernels
 (:mod:`merging.methods._kernels`, one dispatch: :func:`~merging.methods._kernels.available`);
 every other device and dtype takes the torch path, which computes the same thing.
 
