@@ -36,7 +36,8 @@ Semantic differences, matched by configuration (stated in the results' notes):
       exactly n; row ``ties (FB rounding)`` passes k = 0.2 as given (one extra entry kept
       per expert, unless the (n+1)-th magnitude ties with the n-th, which both rules keep:
       the outputs then differ at those entries only).
-    - DARE is random. Row ``dare`` matches FusionBench's RNG to ours: for each key, the
+    - DARE is random. Row ``dare`` runs ours with ``rng="torch"`` (the hash draws of the CPU
+      kernels give other masks) and matches FusionBench's RNG to it: for each key, the
       global generator is seeded with the seed of our per-key generator
       (``entry_generator(seed, key).initial_seed()``) before FusionBench's
       ``param_random_drop_`` runs on the K task vectors in order, which draws what our one
@@ -90,7 +91,8 @@ DARE_SEED = 0
 OURS: dict[str, tuple[str, dict]] = {
     "ties": ("ties", {"density": DENSITY, "scaling": 1.0, "scope": "global"}),
     "task_arithmetic": ("task_arithmetic", {"scaling": TA_SCALING}),
-    "dare": ("dare", {"drop_rate": DROP_RATE, "seed": DARE_SEED, "combine": "task_arithmetic", "scaling": TA_SCALING}),
+    "dare": ("dare", {"drop_rate": DROP_RATE, "seed": DARE_SEED, "combine": "task_arithmetic", "scaling": TA_SCALING,
+                      "rng": "torch"}),
 }
 """Our runs: label -> (registry name, hyperparameters)."""
 

@@ -442,8 +442,10 @@ def sparsified_task_vector_stats(
     ``"ties"``: τ̃ = trim_to_density(τ, density), the magnitude trim of TIES (before sign
     election), over each whole task vector (``scope="global"``) or per tensor. ``"dare"``:
     τ̃ = dare_drop(τ, p) with survivors rescaled by 1/(1−p), with the same per-entry seeds
-    as :class:`merging.methods.classic.Dare` (so the statistics describe that merge's
-    input). Both use the classic merges' own functions.
+    as :class:`merging.methods.classic.Dare` with ``rng="torch"`` (so the statistics describe
+    that merge's input; the default ``rng="auto"`` draws other masks, with the same
+    distribution, on CPU float32 merges large enough for the numba kernels). Both use the
+    classic merges' own functions.
 
     D here is Σ_j w_j ‖τ̃_j − Σ_k w_k τ̃_k‖²: whether sparsification "suppresses task
     heterogeneity" (the paper's claim, [P]) shows as a smaller D than :func:`task_vector_stats`'s.

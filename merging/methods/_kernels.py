@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 from collections.abc import Iterator, Sequence
 
@@ -163,3 +164,69 @@ def ties_merge(values: Sequence[Tensor], base: Tensor, thresholds: Tensor, scali
             _compiled()._ties_kernel(experts, b, floors, np.float32(scaling), out)
     return torch.from_numpy(out).reshape(base.shape)
 
+
+
+def _splitmix64(x: int) -> int:
+    """One step of splitmix64 (Steele, Lea, Flood 2014) on a Python int, mod 2⁶⁴."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def dare_streams(stream_seed: int, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """The per-expert keys of DARE's hash draws for one entry: ``(lo, hi)``, two ``(K,)``
+    uint64 arrays of 32-bit halves of ``splitmix64(splitmix64(stream_seed) + j)``.
+
+    Args:
+        stream_seed: the entry's seed (:func:`merging.methods.dare.entry_seed`).
+        num_experts: K.
+    """
+    root = _splitmix64(stream_seed)
+    keys = [_splitmix64((root + j) & 0xFFFFFFFFFFFFFFFF) for j in range(num_experts)]
+    lo = np.array([k & 0xFFFFFFFF for k in keys], np.uint64)
+    hi = np.array([k >> 32 for k in keys], np.uint64)
+    return lo, hi
+
+
+def dare_threshold(drop_rate: float) -> np.uint64:
+    """The 32-bit draw below which an entry is dropped: ⌈p · 2³²⌉ (keep rate 1 − ⌈p · 2³²⌉ / 2³²,
+    within 2⁻³² of 1 − p)."""
+    return np.uint64(math.ceil(drop_rate * 2.0**32))
+
+
+def dare_merge(values: Sequence[Tensor], base: Tensor, stream_seed: int, drop_rate: float, scaling: float) -> Tensor:
+    """θ₀ + λ · Σ_j drop(τ_j) / (1 − p) of one entry, in one pass, the masks drawn by a
+    counter-based hash of (``stream_seed``, expert j, entry index) (:func:`dare_masks`).
+
+    Args:
+        values: the K experts' values (CPU float32).
+        base: θ₀'s value.
+        stream_seed: the entry's seed.
+        drop_rate: p in [0, 1).
+        scaling: λ.
+
+    Returns:
+        The merged value, shaped like ``base``.
+    """
+    experts = _flat_arrays(values)
+    b = base.detach().reshape(-1).numpy()
+    lo, hi = dare_streams(stream_seed, len(values))
+    out = np.empty_like(b)
+    if b.size:
+        rescale = np.float32(1.0 / (1.0 - drop_rate))
+        with _threads():
+            _compiled()._dare_kernel(
+                experts, b, lo, hi, dare_threshold(drop_rate), rescale, np.float32(scaling), out
+            )
+    return torch.from_numpy(out).reshape(base.shape)
+
+
+def dare_masks(numel: int, num_experts: int, stream_seed: int, drop_rate: float) -> Tensor:
+    """``(K, numel)`` bool: the keep masks :func:`dare_merge` draws for an entry of ``numel``
+    values (for tests and inspection)."""
+    lo, hi = dare_streams(stream_seed, num_experts)
+    keep = np.empty((num_experts, numel), np.bool_)
+    with _threads():
+        _compiled()._dare_masks_kernel(numel, lo, hi, dare_threshold(drop_rate), keep)
+    return torch.from_numpy(keep)

@@ -84,3 +84,65 @@ def _ties_kernel(experts, b, thresholds, scaling, out):
             sign = one if total[i] >= zero else -one
             agreeing = max(count[i] + sign * balance[i], two)
             out[s0 + i] = b[s0 + i] + scaling * (sign * (abs(total[i]) + mass[i]) / agreeing)
+
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+_M1 = np.uint64(0x7FEB352D)
+_M2 = np.uint64(0x846CA68B)
+_S15 = np.uint64(15)
+_S16 = np.uint64(16)
+_S32 = np.uint64(32)
+
+
+@njit(inline="always")
+def _mix32(x):
+    """A bijective 32-bit integer mixer (Wellons's lowbias32), on uint64 holding 32 bits."""
+    x ^= x >> _S16
+    x = (x * _M1) & _MASK32
+    x ^= x >> _S15
+    x = (x * _M2) & _MASK32
+    x ^= x >> _S16
+    return x
+
+
+@njit(inline="always")
+def _uniform32(i, lo, hi):
+    """The 32-bit draw of entry ``i`` in the stream keyed by (``lo``, ``hi``):
+    ``mix32(mix32((i mod 2³²) + lo) xor (hi + ⌊i / 2³²⌋))``, a counter-based hash (no state,
+    so any entry's draw is computed independently of the others)."""
+    x = _mix32(((i & _MASK32) + lo) & _MASK32)
+    return _mix32(x ^ ((hi + (i >> _S32)) & _MASK32))
+
+
+@njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+def _dare_kernel(experts, b, lo, hi, threshold, rescale, scaling, out):
+    """``out = b + scaling · rescale · Σ_j keep_j · (e_j − b)`` with expert j's entry i kept
+    when ``_uniform32(i, lo[j], hi[j]) >= threshold`` (probability 1 − threshold / 2³²),
+    summed over the experts in order in cache-sized per-block buffers."""
+    n = b.size
+    num_experts = len(experts)
+    zero = np.float32(0.0)
+    for blk in prange((n + BLOCK - 1) // BLOCK):
+        s0 = blk * BLOCK
+        w = min(n, s0 + BLOCK) - s0
+        total = np.zeros(w, np.float32)
+        for j in range(num_experts):
+            e = experts[j]
+            key_lo = lo[j]
+            key_hi = hi[j]
+            for i in range(w):
+                u = _uniform32(np.uint64(s0 + i), key_lo, key_hi)
+                t = e[s0 + i] - b[s0 + i]
+                total[i] += t if u >= threshold else zero
+        for i in range(w):
+            out[s0 + i] = b[s0 + i] + scaling * (rescale * total[i])
+
+
+@njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+def _dare_masks_kernel(n, lo, hi, threshold, keep):
+    """``keep[j, i] = _uniform32(i, lo[j], hi[j]) >= threshold``: the masks
+    :func:`_dare_kernel` draws, for tests and for callers that need them."""
+    for j in range(lo.size):
+        for blk in prange((n + BLOCK - 1) // BLOCK):
+            for i in range(blk * BLOCK, min(n, blk * BLOCK + BLOCK)):
+                keep[j, i] = _uniform32(np.uint64(i), lo[j], hi[j]) >= threshold

@@ -10,7 +10,8 @@ the task-arithmetic sum or TIES.
 Devices: every tensor made here takes its device from the inputs, and a merge returns its
 output on the input device. The result is the same on every device up to float rounding
 (reductions may sum in another order), except DARE's masks, which are drawn on the inputs'
-device type. CPU float32 TIES of large models runs fused numba kernels
+device type (and, for CPU float32 merges on the numba kernels, by a hash: see
+:class:`Dare`'s ``rng``). CPU float32 TIES and DARE of large models run fused numba kernels
 (:mod:`merging.methods._kernels`, one dispatch: :func:`~merging.methods._kernels.available`);
 every other device and dtype takes the torch path, which computes the same thing.
 
@@ -32,7 +33,7 @@ from torch import Tensor
 from merging._validation import check_choice, check_float, check_int, check_weights
 from merging.methods import _kernels
 from merging.methods.base import MergeMethod, register_method
-from merging.methods.dare import dare_drop, entry_generator
+from merging.methods.dare import dare_drop, entry_generator, entry_seed
 from merging.methods.ties import (
     TiesContext,
     disjoint_mean,
@@ -184,6 +185,16 @@ class Dare(MergeMethod):
         scaling: λ of the combination (None: 0.3 for task arithmetic, 1.0 for TIES).
         density: TIES trim density in [0, 1] (``combine="ties"`` only; 1.0 = no trim).
         scope: TIES trim scope (``combine="ties"`` only); a global trim sees the dropped τ̃.
+        rng: how the masks are drawn (:mod:`merging.methods.dare`). ``"auto"``: with
+            ``combine="task_arithmetic"``, merges of plain CPU float32 tensors large enough for
+            the numba kernels (:func:`~merging.methods._kernels.available`, the dispatch TIES
+            uses) draw from a counter-based hash inside one fused loop (drop, rescale and sum in
+            one pass: about the cost of task arithmetic); everything else (CUDA, fp16, bf16,
+            fp64, small models, ``combine="ties"``) draws with ``torch.rand`` on the tensors'
+            device. ``"torch"``: ``torch.rand`` everywhere; on the CPU these are FusionBench's
+            masks when its generator is seeded per key (``benchmarks/peers.py``). The two
+            draw different masks from one seed, each deterministic: the same (seed, key, path,
+            device type) gives the same masks, in memory or streamed.
     """
 
     name = "dare"
@@ -198,6 +209,7 @@ class Dare(MergeMethod):
         scaling: float | None = None,
         density: float = 1.0,
         scope: Literal["global", "tensor"] = "global",
+        rng: Literal["auto", "torch"] = "auto",
     ) -> None:
         owner = self.name
         drop_rate = check_float("drop_rate", drop_rate, low=0.0, high=1.0, high_open=True, owner=owner)
@@ -213,6 +225,7 @@ class Dare(MergeMethod):
         self.drop_rate = drop_rate
         self.seed = seed
         self.combine = combine
+        self.rng = check_choice("rng", rng, ("auto", "torch"), owner=owner)
 
     def drop(self, key: str, tau: Tensor) -> Tensor:
         """τ̃ of one entry: :func:`~merging.methods.dare.dare_drop` with this entry's mask."""
@@ -222,13 +235,28 @@ class Dare(MergeMethod):
         # One draw per whole entry, so the masks do not depend on slicing.
         return None
 
-    def prepare(self, experts, base, *, model=None, data=None) -> TiesContext | None:
+    def prepare(self, experts, base, *, model=None, data=None) -> TiesContext:
         base = _require_base(self, base)
         if self.combine == "task_arithmetic":
-            return None
+            return ties_context(experts, base, 1.0, self.scope)  # the entry count only
         return ties_context(experts, base, self.density, self.scope, drop=self.drop)
 
-    def merge_tensor(self, key: str, experts: Tensor, base: Tensor | None, context: TiesContext | None) -> Tensor:
+    def merge_entry(self, key: str, values: Sequence[Tensor], base: Tensor | None, context: TiesContext) -> Tensor:
+        """One entry: the fused hash-RNG kernel where ``rng="auto"`` selects it (task-arithmetic
+        combine, plain CPU float32 tensors of a large merge), else the torch path of
+        :meth:`merge_tensor`."""
+        if (
+            self.rng == "auto"
+            and self.combine == "task_arithmetic"
+            and base is not None
+            and _kernels.available([base], context.entries)
+        ):
+            values = [values[j] for j in range(len(values))]  # read lazy sequences once
+            if _kernels.available(values):
+                return _kernels.dare_merge(values, base, entry_seed(self.seed, key), self.drop_rate, self.scaling)
+        return super().merge_entry(key, values, base, context)
+
+    def merge_tensor(self, key: str, experts: Tensor, base: Tensor | None, context: TiesContext) -> Tensor:
         tau = self.drop(key, experts.sub_(base))
         if self.combine == "task_arithmetic":
             return base + self.scaling * tau.sum(dim=0)

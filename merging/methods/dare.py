@@ -3,9 +3,20 @@
 Yu, Yu, Yu, Huang, Li, "Language Models are Super Mario: Absorbing Abilities from
 Homologous Models as a Free Lunch" (DARE), ICML 2024, https://arxiv.org/abs/2311.03099.
 
-Masks are drawn on the task vectors' device: a CUDA generator (Philox) draws other numbers
-than a CPU one (Mersenne Twister) from the same seed, so the same seed gives the same masks
-on the same device type, not across device types.
+Two ways to draw the masks, both depending only on (seed, key, expert, entry index), so a
+streamed merge draws what an in-memory one does:
+
+- **torch** (:func:`dare_drop` with :func:`entry_generator`): ``torch.rand`` with a generator
+  seeded by (seed, key), on the task vectors' device. A CUDA generator (Philox) draws other
+  numbers than a CPU one (Mersenne Twister) from the same seed, so the same seed gives the same
+  masks on the same device type, not across device types. On the CPU these are FusionBench's
+  masks when FusionBench's ``torch.rand`` is seeded with :func:`entry_seed` per key
+  (``benchmarks/peers.py``), except where a draw equals p (the two keep rules differ there).
+- **hash** (:func:`merging.methods._kernels.dare_merge`, CPU float32 merges large enough for
+  the numba kernels): a counter-based hash of (:func:`entry_seed`, expert j, entry i) gives a
+  32-bit draw u, kept iff u ≥ ⌈p · 2³²⌉, computed inside the fused merge loop (no mask or
+  random tensor is made). Its masks are not torch's nor FusionBench's: the same seed gives
+  other masks with the same distribution (independent Bernoulli(1 − p) keeps, to 2⁻³²).
 """
 
 from __future__ import annotations
@@ -45,7 +56,13 @@ def entry_generator(seed: int, key: str, device: torch.device | str | None = Non
         device: where the draws are made (the task vectors' device); None: the CPU.
     """
     generator = torch.Generator(device=device) if device is not None else torch.Generator()
-    return generator.manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+    return generator.manual_seed(entry_seed(seed, key))
 
 
-__all__ = ["dare_drop", "entry_generator"]
+def entry_seed(seed: int, key: str) -> int:
+    """The seed of one entry's masks, from (seed, key): the torch generator's seed
+    (:func:`entry_generator`) and the hash draws' stream seed."""
+    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63)
+
+
+__all__ = ["dare_drop", "entry_generator", "entry_seed"]

@@ -446,3 +446,97 @@ def test_task_arithmetic_rounds_at_the_scale_of_the_result():
     exact = base["w"].double() + 0.3 * sum(e["w"].double() - base["w"].double() for e in experts)
     ulp = torch.finfo(torch.float32).eps * exact.abs()
     assert bool(((merged.double() - exact).abs() <= ulp).all())
+
+
+# ---------------------------------------------------------------- DARE's hash draws (CPU kernels)
+
+
+def large_dare_states(k: int = 3, seed: int = 21):
+    """Entries above one kernel block (4096) with ragged tails, and a tiny one."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"w": (130, 70), "v": (5000,), "b": (3,)}
+    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    experts = [{n: v + 0.1 * torch.randn(v.shape, generator=g) for n, v in base.items()} for _ in range(k)]
+    return experts, base
+
+
+def test_dare_hash_path_equals_its_masks_with_exact_rescale(fused):
+    from merging.methods.dare import entry_seed
+
+    experts, base = large_dare_states()
+    merged = Dare(drop_rate=0.6, seed=4, scaling=0.5).merge(experts, base)
+    for key, b in base.items():
+        tau = torch.stack([e[key] for e in experts]) - b
+        keep = _kernels.dare_masks(b.numel(), 3, entry_seed(4, key), 0.6).reshape(tau.shape)
+        expected = b + 0.5 * (tau * keep).sum(0) * torch.tensor(1 / 0.4, dtype=torch.float32)
+        torch.testing.assert_close(merged[key], expected, atol=1e-6, rtol=1e-6, msg=key)
+    # p = 0 keeps everything and rescales by 1: plain task arithmetic.
+    ta = get_method("task_arithmetic", scaling=0.5).merge(experts, base)
+    zero = Dare(drop_rate=0.0, seed=4, scaling=0.5).merge(experts, base)
+    for key in base:
+        torch.testing.assert_close(zero[key], ta[key], atol=1e-6, rtol=1e-6)
+
+
+def test_dare_hash_masks_keep_rate_determinism_and_independence():
+    from merging.methods.dare import entry_seed
+
+    n, p = 1 << 20, 0.9
+    masks = _kernels.dare_masks(n, 4, entry_seed(0, "layer.weight"), p)
+    assert torch.equal(masks, _kernels.dare_masks(n, 4, entry_seed(0, "layer.weight"), p))
+    rate = masks.float().mean(dim=1)
+    sd = math.sqrt(p * (1 - p) / n)
+    assert ((rate - (1 - p)).abs() < 6 * sd).all(), rate
+    # Pairs of experts, of keys and of seeds draw independent masks: both kept ~ (1 − p)².
+    other_key = _kernels.dare_masks(n, 1, entry_seed(0, "layer.bias"), p)[0]
+    other_seed = _kernels.dare_masks(n, 1, entry_seed(1, "layer.weight"), p)[0]
+    for a, b in [(masks[0], masks[1]), (masks[2], masks[3]), (masks[0], other_key), (masks[0], other_seed)]:
+        both = (a & b).float().mean().item()
+        assert abs(both - (1 - p) ** 2) < 6 * math.sqrt((1 - p) ** 2 / n), both
+    # Neighbouring entries are independent too (a counter-based draw must not repeat patterns).
+    both = (masks[0, 1:] & masks[0, :-1]).float().mean().item()
+    assert abs(both - (1 - p) ** 2) < 6 * math.sqrt((1 - p) ** 2 / n), both
+
+
+def test_dare_hash_and_torch_paths_agree_in_expectation(fused):
+    # One entry, 2^18 values, identical task vectors τ = 1: both paths' merged mean is
+    # λ · K · E[keep / (1 − p)] = λ · K, within sampling error; the masks themselves differ.
+    n, k, p = 1 << 18, 2, 0.75
+    base = {"w": torch.zeros(n)}
+    experts = [{"w": torch.ones(n)} for _ in range(k)]
+    hashed = Dare(drop_rate=p, seed=5, scaling=1.0).merge(experts, base)["w"]
+    torch_rng = Dare(drop_rate=p, seed=5, scaling=1.0, rng="torch").merge(experts, base)["w"]
+    sd = math.sqrt(k * p / (1 - p) / n)  # per-entry variance of Σ_j keep_j / (1 − p) is K·p/(1 − p)
+    for out in (hashed, torch_rng):
+        assert abs(out.double().mean().item() - k) < 6 * sd
+    assert not torch.equal(hashed, torch_rng)
+
+
+def test_dare_torch_rng_keeps_torch_masks_on_the_kernel_path(fused):
+    # rng="torch" draws torch.rand per (seed, key) whatever the size: FusionBench's masks.
+    from merging.methods.classic import dare_drop, entry_generator
+
+    experts, base = large_dare_states()
+    merged = Dare(drop_rate=0.5, seed=11, scaling=1.0, rng="torch").merge(experts, base)
+    for key, b in base.items():
+        tau = torch.stack([e[key] for e in experts]) - b
+        torch.testing.assert_close(merged[key], b + dare_drop(tau, 0.5, entry_generator(11, key)).sum(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dare_hash_path_only_for_float32(fused, dtype, monkeypatch):
+    monkeypatch.setattr(_kernels, "dare_merge", lambda *args: pytest.fail("hash path taken"))
+    experts, base = random_states(2, dtype=dtype)
+    merged = Dare(drop_rate=0.5).merge(experts, base)
+    assert merged["a.weight"].dtype == dtype
+
+
+def test_small_dare_merges_stay_on_the_torch_path(monkeypatch):
+    marker = torch.tensor(-1.0)
+    monkeypatch.setattr(_kernels, "dare_merge", lambda *args: marker)
+    experts, base = random_states(2)  # far below MIN_ENTRIES
+    assert Dare().merge(experts, base)["a.weight"] is not marker
+    assert Dare(combine="ties").merge(experts, base)["a.weight"] is not marker
+    monkeypatch.setattr(_kernels, "MIN_ENTRIES", 0)
+    assert Dare().merge(experts, base)["a.weight"] is marker
+    assert Dare(rng="torch").merge(experts, base)["a.weight"] is not marker
+    assert Dare(combine="ties").merge(experts, base)["a.weight"] is not marker

@@ -208,6 +208,8 @@ def test_stream_writer_rejects_wrong_entries_and_leaves_nothing(tmp_path, entrie
         ("ties fused", {"density": 0.3, "scope": "tensor"}),
         ("dare", {"drop_rate": 0.5, "seed": 7}),
         ("dare", {"drop_rate": 0.5, "seed": 7, "combine": "ties", "density": 0.5}),
+        ("dare fused", {"drop_rate": 0.5, "seed": 7}),
+        ("dare fused", {"drop_rate": 0.5, "seed": 7, "rng": "torch"}),
     ],
 )
 def test_streamed_merge_equals_in_memory_merge(tmp_path, monkeypatch, name, hparams):
