@@ -21,7 +21,7 @@ STAMP  := $(VENV)/.installed
 # pytest-xdist workers: `make test XDIST=` runs in one process.
 XDIST  ?= -n auto
 
-.PHONY: setup demo test test-fast test-gpu bench bench-peers clean
+.PHONY: setup demo claims test test-fast test-gpu bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: setup
 	$(PY) -m merging.experiments.demo
+
+# The pre-registered claims benchmark (benchmarks/claims.yaml) on Fashion-MNIST (Debian's
+# dataset-fashion-mnist). Default: the confirmation seeds -> results/claims.{json,md,png}.
+# A short run: `make claims SEEDS="100 101"` (writes runs/claims/). JOBS: seeds in parallel.
+SEEDS ?=
+JOBS  ?= 2
+claims: setup
+	$(PY) -m merging.experiments.claims.run --jobs $(JOBS) $(if $(SEEDS),--seeds $(SEEDS))
 
 test: setup
 	$(PY) -m ruff check .

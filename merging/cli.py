@@ -4,6 +4,7 @@
     merging fit --config configs/experts/digits.yaml            # K experts -> bundle
     merging test --config configs/merge/ties.yaml               # merge + evaluate
     merging diagnose --out runs/diagnostics                     # weight-averaging diagnostics
+    merging claims --config benchmarks/claims.yaml              # the pre-registered claims benchmark
     merging merge --experts a.safetensors b.safetensors --base base.safetensors --method ties --out merged.safetensors
     merging convert model.ckpt model.safetensors --prefix model.  # torch/Lightning file -> safetensors
 
@@ -94,6 +95,7 @@ def main(args: list[str] | None = None) -> None:
 
     ``merging diagnose ...`` runs :func:`merging.experiments.diagnostics.main` (the analyses of
     *Rethinking Weight-Averaged Model-merging*, arXiv 2411.09263, on digits);
+    ``merging claims ...`` runs :func:`merging.experiments.claims.run.main` (the claims benchmark);
     ``merging merge ...`` runs :func:`merging.streaming.main` (a streamed merge of
     safetensors files); ``merging convert IN OUT`` turns a torch checkpoint into one
     (:func:`convert`); every other subcommand is LightningCLI's.
@@ -103,6 +105,11 @@ def main(args: list[str] | None = None) -> None:
         from merging.experiments.diagnostics import main as diagnose
 
         diagnose(argv[1:])
+        return
+    if argv[:1] == ["claims"]:
+        from merging.experiments.claims.run import main as claims
+
+        claims(argv[1:])
         return
     if argv[:1] == ["convert"]:
         convert(argv[1:])
