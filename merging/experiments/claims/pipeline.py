@@ -161,7 +161,8 @@ def merge_rows(
         if isinstance(method, MTiesMerging) and label == "mties_equal_density":
             node_mloss = method.node_mloss
         if "scaling" in method.hparam_names():
-            search = {s: evaluator.accuracy(merge(method.with_hparams(scaling=s)), "val") for s in protocol.scaling_grid}
+            grid = protocol.scaling_grid
+            search = {s: evaluator.accuracy(merge(method.with_hparams(scaling=s)), "val") for s in grid}
             best = max(sorted(search), key=lambda s: search[s])  # max keeps the first (smallest) of ties
             row["lambda"] = best
             row["searched"] = evaluator.accuracy(merge(method.with_hparams(scaling=best)))

@@ -23,7 +23,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -93,7 +93,7 @@ def claims_figure(claims: list[dict[str, Any]], path: Path) -> None:
     height = max(len(p) for p in panels.values()) * 0.32 + 1.2
     fig, axes = plt.subplots(1, 2, figsize=(16, height), constrained_layout=True)
     for ax, (kind, rows) in zip(axes, panels.items(), strict=True):
-        for i, (label, e) in enumerate(reversed(rows)):
+        for i, (_label, e) in enumerate(reversed(rows)):
             values = [v for v in e["values"] if v is not None]
             ax.scatter(values, [i] * len(values), s=10, alpha=0.5, color="tab:blue")
             if e["mean"] is not None and e["ci95"][0] is not None:
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         locate_fashion_mnist(protocol.data.root)
     except FileNotFoundError as err:
         parser.error(f"{err}\nOn Debian/Ubuntu: sudo apt-get install -y dataset-fashion-mnist")
-    hardware = {"accelerator": args.accelerator, "devices": int(args.devices) if args.devices.isdigit() else args.devices}
+    devices = int(args.devices) if args.devices.isdigit() else args.devices
+    hardware = {"accelerator": args.accelerator, "devices": devices}
     digest = protocol_digest(protocol)
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "protocol_uncommitted": protocol.dirty,
         "seeds": list(seed_list),
         "confirmation": confirmation,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "wall_seconds": wall,
         "seed_wall_seconds": {r["seed"]: r.get("wall_seconds") for r in ordered},
         "jobs": args.jobs,
