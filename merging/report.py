@@ -346,6 +346,22 @@ def save_node_map(
 # ------------------------------------------------------------ results over seeds
 
 
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """Student's t interval of the mean of ``values`` (None for fewer than two values)."""
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return None
+    mean = statistics.fmean(values)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * statistics.stdev(values) / n**0.5
+    return mean - half, mean + half
+
+
+#: Marks a paired gap whose 95% t interval contains 0 (:func:`accuracy_table`).
+UNRESOLVED = "~"
+
+
 def summarise(
     rows: Sequence[Mapping[str, Any]],
     reference: str,
@@ -357,7 +373,7 @@ def summarise(
 
     Gaps are paired: each seed's ``test/acc_mean`` minus the reference's on the same seed
     (same data split, same experts), so their sd is the spread of the comparison itself,
-    not of the two accuracies.
+    not of the two accuracies; each gap also gets its 95% t interval (``<gap>_ci95``).
 
     Args:
         rows: one dict per (model, seed) with ``"model"``, ``"seed"`` and ``test/...`` values.
@@ -381,6 +397,7 @@ def summarise(
         for key, ref in refs.items():
             if ref and references[key] != model:
                 metrics[key] = [r["test/acc_mean"] - ref[r["seed"]] for r in group]
+                entry[key + "_ci95"] = t_interval(metrics[key])
         for key, values in metrics.items():
             entry[key] = statistics.fmean(values)
             entry[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -389,10 +406,15 @@ def summarise(
 
 
 def plus_minus(entry: Mapping[str, Any], key: str, scale: float = 100.0, digits: int = 1) -> str:
-    """``"mean ± sd"`` of ``key`` (scaled, e.g. to %), or ``"-"`` when absent."""
+    """``"mean ± sd"`` of ``key`` (scaled, e.g. to %), or ``"-"`` when absent; a paired gap
+    whose 95% interval contains 0 is marked :data:`UNRESOLVED`."""
     if key not in entry:
         return "-"
-    return f"{entry[key] * scale:.{digits}f} ± {entry[key + '_sd'] * scale:.{digits}f}"
+    text = f"{entry[key] * scale:.{digits}f} ± {entry[key + '_sd'] * scale:.{digits}f}"
+    interval = entry.get(key + "_ci95")
+    if interval is not None and interval[0] <= 0 <= interval[1]:
+        text += f" {UNRESOLVED}"
+    return text
 
 
 def accuracy_table(
@@ -425,6 +447,10 @@ def accuracy_table(
         ]
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
+    if any(UNRESOLVED in cell for line in md[2:] for cell in line.split(" | ")):
+        note = f"{UNRESOLVED}: the paired 95% t interval contains 0: not resolved at this many seeds."
+        table.caption = note
+        md += ["", note]
     return table, "\n".join(md) + "\n"
 
 

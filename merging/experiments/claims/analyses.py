@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from merging.diagnostics import magnitude_stability, weight_vs_feature_averaging
+from merging.diagnostics import collect_outputs, magnitude_stability, weight_vs_feature_averaging
 from merging.experiments.diagnostics import step_decay
 from merging.experiments.training import train_sgd
 from merging.io import load_state_dict
@@ -130,7 +130,9 @@ def soup_analyses(protocol: Protocol, seed: int, base_path: Path, hardware: Mapp
         scenarios=("single", "all", "first_only"),
         combiners=("soup", "logit", "feature"),
     )
+    val_accuracy = [collect_outputs(skeleton, s, val).accuracy() for s in states]
     return {
+        "individual_val_mean": sum(val_accuracy) / len(val_accuracy),
         "individual_mean": sum(report.individual) / len(report.individual),
         "individual_best": max(report.individual),
         "uniform_soup": report.uniform_soup,

@@ -24,6 +24,8 @@ from typing import Any
 
 from scipy import stats as scipy_stats
 
+from merging.report import t_interval
+
 #: The claim names, in table order (the JSON's ``name``; seeds 000-004 of the papers).
 CLAIMS = (
     "mties_vs_ties",
@@ -57,11 +59,7 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
         return {"n": 0, "mean": None, "sd": None, "ci95": [None, None], "wins": 0, "losses": 0}
     mean = statistics.fmean(values)
     sd = statistics.stdev(values) if n > 1 else 0.0
-    if n > 1:
-        half = float(scipy_stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-        ci = [mean - half, mean + half]
-    else:
-        ci = [None, None]
+    ci = list(t_interval(values) or (None, None))
     return {
         "n": n,
         "mean": mean,
