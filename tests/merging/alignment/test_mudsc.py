@@ -147,7 +147,8 @@ def test_weight_matching_reduction_is_hungarian_on_weight_correlation_and_ignore
     merged = method.merge(states, model=skeleton, data=[torch.randn(3, 4)])
     torch.testing.assert_close(merged["0.weight"], (states[0]["0.weight"] + states[1]["0.weight"][perm]) / 2)
     torch.testing.assert_close(merged["2.weight"], (states[0]["2.weight"] + states[1]["2.weight"][:, perm]) / 2)
-    other = MuDSC(use_activation=False, alpha=0.9, repair="none").merge(states, model=skeleton, data=[torch.randn(7, 4) * 5])
+    other = MuDSC(use_activation=False, alpha=0.9, repair="none")
+    other = other.merge(states, model=skeleton, data=[torch.randn(7, 4) * 5])
     assert all(torch.equal(merged[k], other[k]) for k in merged)
 
 
@@ -164,7 +165,8 @@ def test_activation_matching_reduction_is_hungarian_on_feature_correlation():
     p0 = _hungarian(torch.corrcoef(torch.cat(hidden[0], 1).T.double())[:6, 6:])
     p2 = _hungarian(torch.corrcoef(torch.cat(hidden[1], 1).T.double())[:5, 5:])
     for alpha in (0.0, 0.7):
-        merged = MuDSC(use_weight=False, alpha=alpha, repair="none").merge(states, model=skeleton, data=[x[:15], x[15:]])
+        method = MuDSC(use_weight=False, alpha=alpha, repair="none")
+        merged = method.merge(states, model=skeleton, data=[x[:15], x[15:]])
         s0, s1 = states
         torch.testing.assert_close(merged["0.weight"], (s0["0.weight"] + s1["0.weight"][p0]) / 2)
         torch.testing.assert_close(merged["2.weight"], (s0["2.weight"] + s1["2.weight"][p2][:, p0]) / 2)
