@@ -12,8 +12,10 @@ model's pre-activation variance divided by the mean over experts and units of th
 ``r_l = mean_j Var[z'_j] / ((1/N) Σ_i mean_u Var[z_i,u])`` on the unlabeled inputs. The
 ratio of means is invariant to permutations of units, so it needs no matching (plain
 averaging is measured the same way); ``r_l ≈ 1`` means the scale is kept, ``r_l ≪ 1`` is
-collapse. [I] REPAIR's figure plots standard deviations per layer; we report variances
-(the square of that ratio's scale), as the issue asks.
+collapse. [I] The exact form (variances, ratio of means over units, pre-activations) is
+ours. After REPAIR ``r_l`` stays below 1 by design: a merged unit gets its members' mean
+*standard deviation*, whose square is at most their mean variance (Jensen), lower the more
+unequal the members are; REPAIR meets its per-unit targets exactly.
 
 **REPAIR** (:func:`repair_state`). For every repairable node (below), in network order:
 
