@@ -28,14 +28,17 @@ from merging.methods import get_method
 
 RESULTS = Path(__file__).parent / "results"
 
-# label -> (method name, hyperparameters); None = not a merge.
+# label -> (method name, hyperparameters). Matchings run uncorrected (repair="none"), and
+# MuDSC also with its default REPAIR correction.
 MERGES: dict[str, tuple[str, dict]] = {
     "average": ("average", {}),
-    "Re-Basin weight matching": ("mudsc", {"mode": "align", "use_activation": False}),
-    "activation align (A. Align)": ("mudsc", {"mode": "align", "use_weight": False}),
-    "MuDSC-Align (alpha 0.5)": ("mudsc", {"mode": "align", "alpha": 0.5}),
-    "ZipIt": ("mudsc", {"mode": "zip", "use_weight": False}),
-    "MuDSC-Zip (alpha 0.5)": ("mudsc", {"mode": "zip", "alpha": 0.5}),
+    "Re-Basin weight matching": ("mudsc", {"mode": "align", "use_activation": False, "repair": "none"}),
+    "activation align (A. Align)": ("mudsc", {"mode": "align", "use_weight": False, "repair": "none"}),
+    "MuDSC-Align (alpha 0.5)": ("mudsc", {"mode": "align", "alpha": 0.5, "repair": "none"}),
+    "MuDSC-Align (alpha 0.5) + REPAIR": ("mudsc", {"mode": "align", "alpha": 0.5, "repair": "repair"}),
+    "ZipIt": ("mudsc", {"mode": "zip", "use_weight": False, "repair": "none"}),
+    "MuDSC-Zip (alpha 0.5)": ("mudsc", {"mode": "zip", "alpha": 0.5, "repair": "none"}),
+    "MuDSC-Zip (alpha 0.5) + REPAIR": ("mudsc", {"mode": "zip", "alpha": 0.5, "repair": "repair"}),
 }
 
 

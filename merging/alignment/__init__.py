@@ -14,6 +14,7 @@ from merging.alignment.apply import (
 )
 from merging.alignment.builders import build_spec, cnn_spec, mlp_spec, resnet_spec, vit_spec
 from merging.alignment.matching import MatchConfig, MatchResult, match_models
+from merging.alignment.repair import repair_sites, repair_state, repair_targets, unit_moments, variance_ratios
 from merging.alignment.similarity import (
     CorrelationStats,
     activation_corr,
@@ -59,6 +60,9 @@ __all__ = [
     "permutation_matching",
     "permute_state_dict",
     "random_permutations",
+    "repair_sites",
+    "repair_state",
+    "repair_targets",
     "reset_batchnorm",
     "resnet_spec",
     "row_correlation",
@@ -68,6 +72,8 @@ __all__ = [
     "solve_node",
     "solve_zip",
     "transform_tensor",
+    "unit_moments",
+    "variance_ratios",
     "vit_spec",
     "weight_corr",
 ]

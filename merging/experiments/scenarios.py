@@ -16,6 +16,11 @@ features ``f_t``, reads them through expert t's unmerge matrix ``U_t`` (``[d, d]
 that node, ``W_t ← W_t U_t`` (``f_t ≈ U_t f'``; for alignment ``U_t`` is a
 permutation). Plain averaging has no matching and keeps the heads as they are.
 
+**Variance collapse and REPAIR.** Averaging matched units shrinks the merged
+pre-activations' variance layer by layer; every matching is run twice, uncorrected and
+with REPAIR (``MuDSC(repair="repair")``, :mod:`merging.alignment.repair`), and every
+merge row carries :func:`~merging.alignment.repair.variance_ratios` (``diag/...`` keys).
+
 **What is reported.** Each merge is evaluated per task with the task's (transformed) head.
 The reference is every expert on its own task ("experts (own task)"): the features of
 differently initialised experts are not aligned, so the main demo's feature ensemble has
@@ -48,8 +53,8 @@ from merging.alignment import (
     match_models,
     merge_state_dicts,
 )
-from merging.alignment.apply import batchnorm_modules, reset_batchnorm
-from merging.datamodules import DigitsTasks
+from merging.alignment.repair import variance_ratios
+from merging.datamodules import DigitsTasks, MultiTaskDataModule
 from merging.experiments.trainers import add_hardware_arguments, quiet_trainer
 from merging.io import write_text_atomic
 from merging.methods.mudsc import MuDSC
@@ -61,15 +66,31 @@ from merging.state import StateDict, average_states, check_compatible
 #: Name of the node :func:`feature_spec` adds for the backbone's output units.
 FEATURE_NODE = "output"
 
-#: The merges of the scenario: label -> MuDSC hyperparameters (None: plain averaging).
-DIFFERENT_INIT_MERGES: dict[str, dict[str, Any] | None] = {
-    "average": None,
+#: Suffix of the label of a merge corrected with REPAIR.
+REPAIR_SUFFIX = " + REPAIR"
+
+_MATCHINGS: dict[str, dict[str, Any]] = {
     "weight matching (Re-Basin)": {"mode": "align", "use_activation": False},
     "activation matching": {"mode": "align", "use_weight": False},
     "MuDSC-Align": {"mode": "align"},
     "ZipIt": {"mode": "zip", "use_weight": False},
     "MuDSC-Zip": {"mode": "zip"},
 }
+
+#: The merges of the scenario: label -> MuDSC hyperparameters (None: plain averaging).
+#: Every matching appears twice: uncorrected (``repair="none"``; SmallCNN has no BatchNorm,
+#: so ``"reset_bn"`` would be the same) and with REPAIR (label + :data:`REPAIR_SUFFIX`).
+DIFFERENT_INIT_MERGES: dict[str, dict[str, Any] | None] = {
+    "average": None,
+    **{
+        label + suffix: {**hparams, "repair": repair}
+        for label, hparams in _MATCHINGS.items()
+        for suffix, repair in (("", "none"), (REPAIR_SUFFIX, "repair"))
+    },
+}
+
+#: Row key of the smallest per-layer variance ratio of a merge (see :func:`variance_ratios`).
+VAR_RATIO_MIN = "diag/var_ratio_min"
 
 #: Label of the reference row: expert t evaluated on its own task t with its own head.
 EXPERTS_LABEL = "experts (own task)"
@@ -175,8 +196,7 @@ def merge_with_heads(
     check_compatible(experts)
     result = match_models(experts, spec, method.config(), model=model, data=data)
     merged = merge_state_dicts(experts, spec, result.matchings)
-    if method.reset_bn and batchnorm_modules(model):
-        merged = reset_batchnorm(model, merged, data, max_batches=method.max_batches)
+    merged = method.correct(model, experts, merged, spec, result.matchings, data)
     return merged, transform_heads(heads, result)
 
 
@@ -206,21 +226,29 @@ def task_accuracy(
 
 
 def train_different_init_experts(
-    data: DigitsTasks,
+    data: MultiTaskDataModule,
     seed: int,
     *,
     epochs: int,
     lr: float,
-    width: int,
+    width: int = 16,
+    backbone_kwargs: Mapping[str, Any] | None = None,
     accelerator: str = "cpu",
     devices: int | str = 1,
 ) -> MultiExpertModule:
     """K experts trained jointly, expert t on task t with its head, each from its **own**
     random initialisation (drawn with ``torch.manual_seed(1000·seed + t)``; the global RNG
-    is left as it was). The module is returned on the device it was trained on."""
+    is left as it was). The module is returned on the device it was trained on.
+
+    The backbone is a SmallCNN built with ``backbone_kwargs`` (default ``{"width": width}``)
+    and ``in_chans`` from the data's input shape."""
     pl.seed_everything(seed, verbose=False)
     module = MultiExpertModule(
-        backbone_kwargs={"width": width}, task_names=data.task_names, num_classes=data.num_classes, lr=lr
+        backbone_kwargs=dict(backbone_kwargs) if backbone_kwargs is not None else {"width": width},
+        in_chans=data.input_shape[0],
+        task_names=data.task_names,
+        num_classes=data.num_classes,
+        lr=lr,
     )
     for t, expert in enumerate(module.experts):
         with torch.random.fork_rng():
@@ -244,19 +272,38 @@ def run_different_init_seed(
     step: Callable[[str], None] | None = None,
     accelerator: str = "cpu",
     devices: int | str = 1,
+    data: MultiTaskDataModule | None = None,
+    backbone_kwargs: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One seed: train the experts, merge them every way, evaluate each task with its head.
 
     The arguments are those of :func:`different_init_scenario`; ``seed`` seeds the data
     split, the training order, the experts' initialisations and MuDSC's node order.
 
+    Args:
+        data: the tasks (any :class:`~merging.datamodules.MultiTaskDataModule`, e.g.
+            ``FashionMNISTTasks``); None: ``DigitsTasks(seed=seed, batch_size=batch_size)``.
+            ``batch_size`` is not applied to a given datamodule.
+        backbone_kwargs: the SmallCNN's constructor arguments; None: ``{"width": width}``.
+
     Returns:
-        One row per model: ``{"model", "seed", "test/acc/<task>", "test/acc_mean"}`` (plus
-        ``"test/merge_seconds"`` for merges).
+        One row per model: ``{"model", "seed", "test/acc/<task>", "test/acc_mean"}``; merges
+        add ``"test/merge_seconds"``, ``"diag/var_ratio/<layer>"`` (the merged
+        pre-activations' variance against the experts' on the unlabeled inputs, per Linear
+        and convolution, :func:`~merging.alignment.repair.variance_ratios`) and
+        :data:`VAR_RATIO_MIN`, their minimum over layers.
     """
-    data = DigitsTasks(seed=seed, batch_size=batch_size)
+    if data is None:
+        data = DigitsTasks(seed=seed, batch_size=batch_size)
     module = train_different_init_experts(
-        data, seed, epochs=epochs, lr=lr, width=width, accelerator=accelerator, devices=devices
+        data,
+        seed,
+        epochs=epochs,
+        lr=lr,
+        width=width,
+        backbone_kwargs=backbone_kwargs,
+        accelerator=accelerator,
+        devices=devices,
     )
     if step is not None:
         step("experts trained")
@@ -283,10 +330,58 @@ def run_different_init_seed(
             method = MuDSC(spec=spec, seed=seed, **hparams)
             merged, merged_heads = merge_with_heads(method, experts, heads, model=skeleton, data=unlabeled)
         seconds = time.perf_counter() - start
-        rows.append({**row(label, [merged] * data.num_tasks, merged_heads), "test/merge_seconds": seconds})
+        ratios = variance_ratios(skeleton, experts, merged, unlabeled)
+        diag = {f"diag/var_ratio/{layer}": r for layer, r in ratios.items()}
+        diag[VAR_RATIO_MIN] = min(ratios.values())
+        rows.append({**row(label, [merged] * data.num_tasks, merged_heads), "test/merge_seconds": seconds, **diag})
         if step is not None:
             step(f"merged: {label}")
     return rows
+
+
+def variance_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sd over seeds of every ``diag/...`` key, per merge (first-seen order).
+
+    Args:
+        rows: the rows of :func:`run_different_init_seed`; rows without ``diag/`` keys
+            (the experts) are left out.
+
+    Returns:
+        One dict per merge: ``{"model", "seeds", "<key>", "<key>_sd", ...}``.
+    """
+    by_model: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if VAR_RATIO_MIN in row:
+            by_model.setdefault(row["model"], []).append(row)
+    out = []
+    for model, group in by_model.items():
+        entry: dict[str, Any] = {"model": model, "seeds": len(group)}
+        for key in (k for k in group[0] if k.startswith("diag/")):
+            values = [r[key] for r in group if key in r]
+            entry[key] = statistics.fmean(values)
+            entry[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(entry)
+    return out
+
+
+def variance_markdown(diagnostics: Sequence[Mapping[str, Any]]) -> str:
+    """A markdown table of :func:`variance_summary`: per merge, each layer's variance ratio
+    and the minimum over layers (mean ± sd over seeds)."""
+    if not diagnostics:
+        return ""
+    prefix = "diag/var_ratio/"
+    layers = [k[len(prefix) :] for k in diagnostics[0] if k.startswith(prefix) and not k.endswith("_sd")]
+    lines = [
+        "Variance of the merged pre-activations against the experts' (per layer, mean over units / mean over "
+        "experts and units, on the unlabeled inputs; 1 = scale kept):\n",
+        "| model | " + " | ".join(layers) + " | min |",
+        "|---" * (len(layers) + 2) + "|",
+    ]
+    for entry in diagnostics:
+        cells = [f"{entry[k]:.3f} ± {entry[k + '_sd']:.3f}" for k in [prefix + layer for layer in layers]]
+        cells.append(f"{entry[VAR_RATIO_MIN]:.3f} ± {entry[VAR_RATIO_MIN + '_sd']:.3f}")
+        lines.append(f"| {entry['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def different_init_scenario(
@@ -356,6 +451,7 @@ def different_init_scenario(
         gap_label="gap to experts",
         more_gaps=[("vs_average", "vs average")] if paired else (),
     )
+    diagnostics = variance_summary(rows)
     out_dir = Path(out_dir)
     header = (
         "# Experts from different initialisations\n\n"
@@ -365,7 +461,7 @@ def different_init_scenario(
         f"activations from {unlabeled_samples} unlabeled training inputs. "
         "The reference is each expert on its own task.\n\n"
     )
-    write_text_atomic(out_dir / "different_init.md", header + markdown)
+    write_text_atomic(out_dir / "different_init.md", header + markdown + "\n" + variance_markdown(diagnostics))
     config = {
         "seeds": list(seeds),
         "epochs": epochs,
@@ -375,7 +471,7 @@ def different_init_scenario(
         "unlabeled_samples": unlabeled_samples,
         "merges": dict(merges),
     }
-    payload = {"config": config, "summary": summary, "runs": rows}
+    payload = {"config": config, "summary": summary, "variance_ratios": diagnostics, "runs": rows}
     write_text_atomic(out_dir / "different_init.json", json.dumps(payload, indent=2) + "\n")
     return rows, summary, table
 

@@ -12,6 +12,11 @@ Devices: the activation statistics and the transformed weights are computed on t
 device (the data batches are moved there); the matching itself (Hungarian assignments,
 ZipIt's greedy merges on the O×O similarity matrices of each node) runs on the CPU, where
 scipy's solver does.
+
+Correction after the merge (``repair``): averaging matched units shrinks the merged
+pre-activations' variance (variance collapse); the merged model is either left as it is,
+its BatchNorm statistics are re-estimated, or its units are renormalised with REPAIR
+(:mod:`merging.alignment.repair`).
 """
 
 from __future__ import annotations
@@ -26,9 +31,14 @@ from merging._validation import check_bool, check_choice, check_float, check_int
 from merging.alignment.apply import batchnorm_modules, check_model_keys, merge_entry, reset_batchnorm
 from merging.alignment.builders import build_spec
 from merging.alignment.matching import MatchConfig, MatchResult, match_models
+from merging.alignment.repair import repair_state
+from merging.alignment.solvers import UnitMatching
 from merging.alignment.spec import PermSpec
 from merging.methods.base import MergeMethod, register_method
-from merging.state import StateDict
+from merging.state import StateDict, check_compatible
+
+#: The corrections applied to the merged model (MuDSC's ``repair`` setting).
+REPAIR_CHOICES = ("none", "reset_bn", "repair")
 
 
 @dataclass(frozen=True)
@@ -79,8 +89,22 @@ class MuDSC(MergeMethod):
         zip_a: ZipIt's factor a on a merged unit's similarities (0.5).
         zip_b: ZipIt's intra-model merge budget factor b (1).
         zip_b_group: group zip's per-head-set budget factor (1).
-        reset_bn: re-estimate BatchNorm running statistics of the merged model on ``data``
-            (cumulative average); the paper's numbers all assume it.
+        repair: the correction of the merged model on ``data``:
+            ``"none"`` leaves it as merged; ``"reset_bn"`` re-estimates its BatchNorm
+            running statistics (cumulative average; the paper's numbers all assume it;
+            nothing changes in a model without BatchNorm); ``"repair"`` resets BatchNorm
+            (if any), then renormalises every repairable node's units with REPAIR
+            (Jordan et al., ICLR 2023): per merged unit, its pre-activation mean and std on
+            ``data`` are set to the mean over its member units of the experts' means and
+            stds (:func:`merging.alignment.repair.repair_state`, which states exactly
+            what is rescaled). Default ``"repair"``, chosen on the different-init digits
+            scenario (:mod:`merging.experiments.scenarios`), selection seeds 0-4 only
+            (SmallCNN, no BatchNorm, so ``"reset_bn"`` equals ``"none"`` there): without
+            it MuDSC-Align's deepest layer keeps 1.6% of the experts' pre-activation
+            variance (min layer ratio 0.016, mean over seeds), with it 0.82; its gain over
+            averaging goes from +11.6 ± 12.2 to +32.6 ± 10.1 points, and REPAIR helped
+            every matching there (MuDSC-Zip +36.1 -> +47.9). On BatchNorm models
+            ``"repair"`` first resets BatchNorm, so it never does less than ``"reset_bn"``.
         spec: the permutation spec; None builds it from ``model``
             (:func:`merging.alignment.build_spec`: MLPs, plain CNNs, timm ResNets and ViTs).
 
@@ -109,7 +133,7 @@ class MuDSC(MergeMethod):
         zip_a: float = 0.5,
         zip_b: float = 1.0,
         zip_b_group: float = 1.0,
-        reset_bn: bool = True,
+        repair: Literal["none", "reset_bn", "repair"] = "repair",
         spec: PermSpec | None = None,
     ) -> None:
         owner = "mudsc"
@@ -125,7 +149,7 @@ class MuDSC(MergeMethod):
         self.zip_a = check_float("zip_a", zip_a, low=0.0, low_open=True, owner=owner)
         self.zip_b = check_float("zip_b", zip_b, low=0.0, owner=owner)
         self.zip_b_group = check_float("zip_b_group", zip_b_group, low=0.0, owner=owner)
-        self.reset_bn = check_bool("reset_bn", reset_bn, owner=owner)
+        self.repair = check_choice("repair", repair, REPAIR_CHOICES, owner=owner)
         if spec is not None and not isinstance(spec, PermSpec):
             raise TypeError(f"mudsc: spec must be a PermSpec or None, got {spec!r}")
         self.spec = spec
@@ -156,7 +180,7 @@ class MuDSC(MergeMethod):
         model: nn.Module | None = None,
         data: Iterable[Any] | None = None,
     ) -> StateDict:
-        """Match, merge and (with BatchNorm) re-estimate the statistics.
+        """Match, merge and correct the merged model (``repair``).
 
         Args:
             experts: θ_1..θ_K, K >= 2, keyed like ``model.state_dict()``.
@@ -164,7 +188,7 @@ class MuDSC(MergeMethod):
                 every method).
             model: the skeleton whose ``state_dict()`` keys match the experts.
             data: an iterable of unlabeled input batches (tensors, or ``(x, ...)``); it is
-                iterated twice with BatchNorm (activations, then the reset), so pass a
+                iterated several times (activations, then the correction), so pass a
                 re-iterable such as a DataLoader or a list.
 
         Returns:
@@ -174,10 +198,46 @@ class MuDSC(MergeMethod):
             ValueError: fewer than 2 experts, a missing model/data, keys that do not match
                 the model, a spec that does not fit, or data without batches.
         """
-        merged = super().merge(experts, base, model=model, data=data)
-        if self.reset_bn and batchnorm_modules(model):
-            merged = reset_batchnorm(model, merged, data, max_batches=self.max_batches)
-        return merged
+        experts = list(experts)
+        self.check_inputs(experts, base, model, data)
+        check_compatible(experts, base)
+        context = self.prepare(experts, base, model=model, data=data)
+        merged: StateDict = {}
+        for key in experts[0].keys():
+            values = [e[key] for e in experts]
+            merged[key] = self.merge_entry(key, values, base[key] if base is not None else None, context)
+        return self.correct(model, experts, merged, context.spec, context.result.matchings, data)
+
+    def correct(
+        self,
+        model: nn.Module,
+        experts: Sequence[Mapping[str, Tensor]],
+        merged: Mapping[str, Tensor],
+        spec: PermSpec,
+        matchings: Mapping[str, UnitMatching],
+        data: Iterable[Any],
+    ) -> StateDict:
+        """Apply the ``repair`` setting to a merged state dict (see the class docstring).
+
+        Args:
+            model: the skeleton.
+            experts: the merged experts.
+            merged: their merge with ``matchings`` on ``spec``.
+            spec: the permutation spec.
+            matchings: node → matching (absent nodes: the identity).
+            data: unlabeled input batches (re-iterable).
+
+        Returns:
+            The corrected state dict (``merged`` itself with ``"none"``).
+        """
+        out = dict(merged)
+        if self.repair == "none":
+            return out
+        if batchnorm_modules(model):
+            out = reset_batchnorm(model, out, data, max_batches=self.max_batches)
+        if self.repair == "repair":
+            out = repair_state(model, experts, out, spec, matchings, data, max_batches=self.max_batches)
+        return out
 
     def check_inputs(
         self,

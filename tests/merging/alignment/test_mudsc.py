@@ -83,7 +83,7 @@ def test_merging_with_a_permuted_copy_returns_the_same_model(family, mode):
     spec = build_spec(model)
     copy = permute_state_dict(state, spec, _head_moving_permutations(spec))
     data = list(torch.randn(2, 24, *shape, generator=_gen(1)))
-    merged = get_method("mudsc", mode=mode, reset_bn=False, max_iter=10).merge([state, copy], model=model, data=data)
+    merged = get_method("mudsc", mode=mode, repair="none", max_iter=10).merge([state, copy], model=model, data=data)
     x = torch.randn(5, *shape, generator=_gen(2))  # fresh inputs: the merge is the same function
     with torch.no_grad():
         torch.testing.assert_close(
@@ -112,7 +112,7 @@ def test_batchnorm_reset_equals_resetting_the_expert():
     spec = build_spec(model)
     copy = permute_state_dict(state, spec, random_permutations(spec, _gen(0)))
     data = list(torch.randn(2, 16, 3, 8, 8, generator=_gen(1)))
-    merged = get_method("mudsc").merge([state, copy], model=model, data=data)
+    merged = get_method("mudsc", repair="reset_bn").merge([state, copy], model=model, data=data)
     expected = reset_batchnorm(model, state, data)
     for key, value in expected.items():
         torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-5)
@@ -140,14 +140,15 @@ def _hungarian(block: torch.Tensor) -> torch.Tensor:
 
 def test_weight_matching_reduction_is_hungarian_on_weight_correlation_and_ignores_data():
     skeleton, states = _two_mlps(hidden=(6,))
-    method = MuDSC(use_activation=False, alpha=0.3)
+    method = MuDSC(use_activation=False, alpha=0.3, repair="none")
     vectors = [torch.cat([s["0.weight"], s["0.bias"][:, None], s["2.weight"].T], 1).double() for s in states]
     cross = torch.corrcoef(torch.cat(vectors))[:6, 6:]
     perm = _hungarian(cross)
     merged = method.merge(states, model=skeleton, data=[torch.randn(3, 4)])
     torch.testing.assert_close(merged["0.weight"], (states[0]["0.weight"] + states[1]["0.weight"][perm]) / 2)
     torch.testing.assert_close(merged["2.weight"], (states[0]["2.weight"] + states[1]["2.weight"][:, perm]) / 2)
-    other = MuDSC(use_activation=False, alpha=0.9).merge(states, model=skeleton, data=[torch.randn(7, 4) * 5])
+    other = MuDSC(use_activation=False, alpha=0.9, repair="none")
+    other = other.merge(states, model=skeleton, data=[torch.randn(7, 4) * 5])
     assert all(torch.equal(merged[k], other[k]) for k in merged)
 
 
@@ -164,7 +165,8 @@ def test_activation_matching_reduction_is_hungarian_on_feature_correlation():
     p0 = _hungarian(torch.corrcoef(torch.cat(hidden[0], 1).T.double())[:6, 6:])
     p2 = _hungarian(torch.corrcoef(torch.cat(hidden[1], 1).T.double())[:5, 5:])
     for alpha in (0.0, 0.7):
-        merged = MuDSC(use_weight=False, alpha=alpha).merge(states, model=skeleton, data=[x[:15], x[15:]])
+        method = MuDSC(use_weight=False, alpha=alpha, repair="none")
+        merged = method.merge(states, model=skeleton, data=[x[:15], x[15:]])
         s0, s1 = states
         torch.testing.assert_close(merged["0.weight"], (s0["0.weight"] + s1["0.weight"][p0]) / 2)
         torch.testing.assert_close(merged["2.weight"], (s0["2.weight"] + s1["2.weight"][p2][:, p0]) / 2)
@@ -175,7 +177,7 @@ def test_activation_matching_reduction_is_hungarian_on_feature_correlation():
 def test_zipit_reduction_is_zip_on_activation_correlation():
     skeleton, states = _two_mlps()
     x = torch.randn(40, 4, generator=_gen(0))
-    method = MuDSC(mode="zip", use_weight=False)
+    method = MuDSC(mode="zip", use_weight=False, repair="none")
     spec, result = method.match(states, skeleton, [x])
     assert result.history == []  # no coordinate descent without weights
     expected = {name: solve_zip(result.activation[name], 2) for name in spec}

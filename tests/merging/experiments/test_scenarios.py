@@ -132,7 +132,10 @@ def test_mudsc_zip_beats_plain_averaging_of_different_init_experts(tmp_path):
     assert acc[EXPERTS_LABEL] > 0.95
     # Averaging differently initialised networks is near chance; matching the units first is not.
     assert acc["MuDSC-Zip"] > acc["average"] + 0.15
-    assert (tmp_path / "different_init.md").read_text().count("| MuDSC-Zip |") == 1
+    markdown = (tmp_path / "different_init.md").read_text()
+    assert markdown.count("| MuDSC-Zip |") == 2  # the accuracy table and the variance-ratio table
+    assert "Variance of the merged pre-activations" in markdown
     payload = json.loads((tmp_path / "different_init.json").read_text())
     assert [e["model"] for e in payload["summary"]] == [e["model"] for e in summary]
     assert "gap_to_experts" not in payload["summary"][0]  # the reference row has no gap to itself
+    assert [e["model"] for e in payload["variance_ratios"]] == ["average", "MuDSC-Zip"]
