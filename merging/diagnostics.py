@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from merging.models import channels_last
 from merging.state import StateDict, average_states, check_compatible, is_mergeable
 
 Scenario = Literal["single", "all", "first_only", "all_but_first"]
@@ -92,6 +93,7 @@ def collect_outputs(model: nn.Module, state: Mapping[str, Tensor], loader: Itera
         ValueError: ``head`` is not a submodule, or the loader yields nothing.
     """
     head_module = _submodule(model, head)
+    state = channels_last(state)  # same values; thin CPU convolutions run 2-4x faster
     captured: list[Tensor] = []
     handle = head_module.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
     was_training = model.training
@@ -100,7 +102,7 @@ def collect_outputs(model: nn.Module, state: Mapping[str, Tensor], loader: Itera
         model.eval()
         for inputs, targets in loader:
             captured.clear()
-            logits.append(functional_call(model, dict(state), (inputs,), strict=True))
+            logits.append(functional_call(model, state, (inputs,), strict=True))
             features.append(captured[-1].flatten(1))
             labels.append(targets)
     finally:

