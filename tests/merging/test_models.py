@@ -56,7 +56,8 @@ def test_channels_last_keeps_values_and_changes_only_conv_layouts():
         assert torch.equal(converted[key], value)
         if value.ndim == 4:
             assert converted[key].is_contiguous(memory_format=torch.channels_last)
-            assert not value.is_contiguous(memory_format=torch.channels_last)
+            if value.shape[1] > 1:  # one input channel: both layouts are the same strides
+                assert not value.is_contiguous(memory_format=torch.channels_last)
         else:
             assert converted[key] is value
     x = torch.rand(3, 1, 8, 8)
