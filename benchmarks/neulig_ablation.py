@@ -23,8 +23,11 @@ Variants (``VARIANTS``): the demo's recipe, each loss term removed, the ``semi``
 hard constraint (β projected onto Σβ_kε*_k = 0), the inference modes (per batch's first
 sample, per sample, per task = mean CoopVec of the task's train split, static = one mean
 CoopVec), last versus best, and longer training (the code's default is 1000 epochs).
-``oracle one-hot`` sets β = e_t (expert t for task t): the value both branches reach when
-Portland recognises the task perfectly.
+The ``task-recognition`` rows add a term that is **not** in the paper, CE(log β, t), which
+tells Portland the batch's task: a test of whether a β that favours the own-task expert
+closes the gap. ``oracle one-hot`` sets β = e_t (expert t for task t): the value both branches reach when
+Portland recognises the task perfectly; the ``fixed β`` rows mix e_t with the uniform β and
+measure how fast merging falls behind ensembling as β softens (uniform: averaging).
 
     python benchmarks/neulig_ablation.py --seeds 0 1 2 3 4 --out benchmarks/results/neulig_ablation
     python benchmarks/neulig_ablation.py --render benchmarks/results/neulig_ablation.json  # tables only
@@ -47,6 +50,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
@@ -81,6 +85,8 @@ class Variant:
     constraint: str = "soft"  # soft (L_a only) | hard (β projected onto Σβε* = 0)
     mode: str = "per_batch_first"  # per_batch_first | per_batch_mean | per_sample | per_task | static | oracle
     select: str = "best"  # best (on val merged accuracy) | last
+    recognition: float = 0.0  # not in the paper: + weight · CE(log β, t), Portland told the task
+    mix: float = 0.0  # oracle only: β = (1 − mix) e_t + mix · uniform (mix = 1: averaging vs feature ensemble)
 
 
 def variants(epochs: int, long_epochs: int) -> list[Variant]:
@@ -104,13 +110,20 @@ def variants(epochs: int, long_epochs: int) -> list[Variant]:
         replace(long, name=f"{long_epochs} epochs, per sample", mode="per_sample"),
         replace(long, name=f"{long_epochs} epochs, per batch, mean β", mode="per_batch_mean"),
         replace(long, name=f"{long_epochs} epochs, per task", mode="per_task"),
+        replace(base, name="+ task-recognition CE(β, t) (not in the paper), first-sample β", recognition=1.0),
+        replace(
+            base, name="+ task-recognition CE(β, t) (not in the paper), per sample", recognition=1.0, mode="per_sample"
+        ),
+        replace(base, name="fixed β = uniform (averaging vs feature ensemble)", mode="oracle", mix=1.0),
+        replace(base, name="fixed β = 0.5 e_t + 0.5 uniform", mode="oracle", mix=0.5),
+        replace(base, name="fixed β = 0.8 e_t + 0.2 uniform", mode="oracle", mix=0.2),
         replace(base, name="oracle one-hot β = e_t (expert t alone)", mode="oracle"),
     ]
 
 
 def training_key(variant: Variant) -> tuple:
     """Variants that differ only in inference share one trained Portland."""
-    return tuple(v for k, v in asdict(variant).items() if k not in ("name", "mode"))
+    return tuple(v for k, v in asdict(variant).items() if k not in ("name", "mode", "mix"))
 
 
 # --------------------------------------------------------------------------- experts
@@ -208,6 +221,9 @@ def train(
                 reg = alignment_residual(beta, eps_star)
                 loss = neulig_loss(logits, reg, split.y[idx], variant.alignment, variant.scaling)
                 total = variant.task_weight * loss.task + loss.alignment / variant.scaling  # α = 0 at inf
+                if variant.recognition:
+                    task_id = torch.full_like(split.y[idx], t)
+                    total = total + variant.recognition * F.nll_loss(beta.clamp_min(1e-12).log(), task_id)
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()
@@ -236,6 +252,7 @@ def evaluate(
     constraint: str,
     batch_size: int,
     calibration: list[Split] | None = None,
+    mix: float = 0.0,
 ) -> dict:
     """Mean over tasks of merged and ensembled accuracy, argmax(β) = task rate and mean max β."""
     merged_acc, ens_acc, argmax, top = [], [], [], []
@@ -273,12 +290,14 @@ def evaluate(
             elif mode == "static":
                 coopvec = static
             elif mode == "oracle":
-                coopvec = torch.nn.functional.one_hot(torch.tensor(t), k).float()
+                coopvec = (1 - mix) * torch.nn.functional.one_hot(torch.tensor(t), k).float() + mix / k
             else:
                 raise ValueError(f"unknown mode {mode!r}")
             hits = [merged_logits(ctx, split.x, coopvec, t).argmax(1) == split.y]
-            if mode == "oracle":
-                ens_acc[-1] = float((ctx["heads"][t](split.features[t]).argmax(1) == split.y).float().mean())
+            if mode == "oracle":  # the ensembling branch with the same fixed β
+                fixed = coopvec.expand(split.y.shape[0], k)
+                ens = ctx["heads"][t](coopvec_ensemble(split.features, fixed))
+                ens_acc[-1] = float((ens.argmax(1) == split.y).float().mean())
         merged_acc.append(float(torch.cat(hits).float().mean()))
     return {
         "merged": 100 * statistics.fmean(merged_acc),
@@ -309,7 +328,14 @@ def run_seed(seed: int, args: argparse.Namespace, out: Path) -> list[dict]:
             trained[key] = train(variant, seed, splits["train"], splits["val"], ctx, args.batch_size)
         portland, history = trained[key]
         result = evaluate(
-            portland, splits["test"], ctx, variant.mode, variant.constraint, args.batch_size, splits["train"]
+            portland,
+            splits["test"],
+            ctx,
+            variant.mode,
+            variant.constraint,
+            args.batch_size,
+            splits["train"],
+            variant.mix,
         )
         gap = result["merged"] - result["ensembled"]
         seconds = time.perf_counter() - start
