@@ -129,12 +129,14 @@ def training_key(variant: Variant) -> tuple:
 # --------------------------------------------------------------------------- experts
 
 
-def make_data(dataset: str, seed: int, batch_size: int) -> Any:
+def make_data(dataset: str, seed: int, batch_size: int, max_per_class: int | None = 300) -> Any:
+    """The demo's tasks: ``DigitsTasks``, or ``FashionMNISTTasks`` (train split capped at
+    ``max_per_class`` images per class; the official test split, whole)."""
     if dataset == "digits":
         return DigitsTasks(seed=seed, batch_size=batch_size)
     from merging.datamodules import FashionMNISTTasks
 
-    return FashionMNISTTasks(seed=seed, batch_size=batch_size, max_per_class=300)
+    return FashionMNISTTasks(seed=seed, batch_size=batch_size, max_per_class=max_per_class)
 
 
 def train_experts(seed: int, out: Path, data: Any, args: argparse.Namespace) -> str:
@@ -308,7 +310,7 @@ def evaluate(
 
 
 def run_seed(seed: int, args: argparse.Namespace, out: Path) -> list[dict]:
-    data = make_data(args.dataset, seed, args.batch_size)
+    data = make_data(args.dataset, seed, args.batch_size, args.max_per_class)
     bundle_dir = train_experts(seed, out, data, args)
     bundle = ExpertBundle.load(bundle_dir)
     skeleton = bundle.build_backbone().eval().requires_grad_(False)
@@ -406,6 +408,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--work", type=Path, default=Path("runs/neulig_ablation"), help="experts' bundles")
     parser.add_argument("--long-epochs", type=int, default=1000, help="Portland epochs of the long rows")
     parser.add_argument("--dataset", choices=("digits", "fashion_mnist"), default="digits")
+    parser.add_argument("--max-per-class", type=int, default=300, help="fashion_mnist: train images per class")
     parser.add_argument("--pretrain-epochs", type=int, default=10)
     parser.add_argument("--expert-epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
