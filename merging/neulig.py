@@ -36,8 +36,10 @@ from torch.func import functional_call
 from merging.state import StateDict, accumulation_dtype, check_compatible, is_mergeable
 
 Alignment = Literal["sup", "semi"]
-MergeMode = Literal["per_batch_first", "per_sample", "static"]
-MERGE_MODES: tuple[str, ...] = ("per_batch_first", "per_sample", "static")
+MergeMode = Literal["per_batch_first", "per_batch_mean", "per_sample", "static"]
+MERGE_MODES: tuple[str, ...] = ("per_batch_first", "per_batch_mean", "per_sample", "static")
+Constraint = Literal["soft", "hard"]
+CONSTRAINTS: tuple[str, ...] = ("soft", "hard")
 ENTROPY_EPS = 1e-6  # the official code's log(p + 1e-6)
 
 # --------------------------------------------------------------------------- offsets ε*
@@ -217,6 +219,39 @@ def alignment_residual(beta: Tensor, eps_star: Tensor) -> Tensor:
     return beta @ eps_star.to(device=beta.device, dtype=beta.dtype)
 
 
+def project_coopvec(beta: Tensor, eps_star: Tensor) -> Tensor:
+    """Project CoopVecs onto the hyperplane Σ_k β_k ε*_k = 0 (the "hard" constraint [I]).
+
+    β' = β − (β·ε* / ‖ε*‖²) ε*: the Euclidean projection onto the surrogate constraint.
+    Σ_k ε*_k = 0, so Σ_k β'_k = Σ_k β_k = 1 is kept, but an entry may leave [0, 1]: θ_m is
+    then an affine, not a convex, combination of the experts. The paper and code only
+    penalise r = β·ε* softly (L_a); this is the exact form of that constraint.
+
+    Args:
+        beta: ``(B, K)``.
+        eps_star: ε*, ``(K,)``; all zeros (identical experts) leaves β unchanged.
+
+    Returns:
+        β', ``(B, K)``, with β'·ε* = 0 up to rounding.
+    """
+    eps = eps_star.to(device=beta.device, dtype=beta.dtype)
+    norm = eps.pow(2).sum().clamp_min(torch.finfo(beta.dtype).tiny)  # ε* = 0 gives β·ε* = 0: β kept
+    return beta - (beta @ eps).unsqueeze(-1) * eps / norm
+
+
+def constrained_coopvec(beta: Tensor, eps_star: Tensor, constraint: Constraint = "soft") -> Tensor:
+    """β as used by both branches: unchanged (``"soft"``) or :func:`project_coopvec` ed (``"hard"``).
+
+    Raises:
+        ValueError: an unknown ``constraint``.
+    """
+    if constraint == "soft":
+        return beta
+    if constraint == "hard":
+        return project_coopvec(beta, eps_star)
+    raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+
+
 class NeuLigOutput(NamedTuple):
     """The ensembling branch of one batch: ``logits (B, C_t)``, ``beta (B, K)``,
     ``reg`` r ``(B,)`` and the expert ``features (K, B, d)``."""
@@ -234,6 +269,7 @@ def neulig_forward(
     portland: Portland,
     eps_star: Tensor,
     x: Tensor,
+    constraint: Constraint = "soft",
 ) -> NeuLigOutput:
     """Training forward (code: ``FusionModel.forward``) on a task-homogeneous batch.
 
@@ -246,13 +282,15 @@ def neulig_forward(
         portland: the Portland network.
         eps_star: ε*, ``(K,)``.
         x: inputs of task t, ``(B, *input_shape)``.
+        constraint: ``"soft"`` (the paper and code: β = Portland's output, r penalised by
+            L_a) or ``"hard"`` (β projected by :func:`project_coopvec`, so r = 0) [I].
 
     Returns:
         logits H_t(Σ_k β_k E_k(x)), β, r = β·ε* and the expert features.
     """
     with torch.no_grad():
         features = expert_features(skeleton, experts, x)
-    beta = portland(concat_features(features))
+    beta = constrained_coopvec(portland(concat_features(features)), eps_star, constraint)
     logits = head(coopvec_ensemble(features, beta))
     return NeuLigOutput(logits, beta, alignment_residual(beta, eps_star), features)
 
@@ -340,8 +378,7 @@ def coopvec_merge(experts: Sequence[Mapping[str, Tensor]], beta: Tensor) -> Stat
     """
     if beta.shape != (len(experts),):
         raise ValueError(
-            f"coopvec_merge: beta must have shape ({len(experts)},) for {len(experts)} experts, "
-            f"got {tuple(beta.shape)}"
+            f"coopvec_merge: beta must have shape ({len(experts)},) for {len(experts)} experts, got {tuple(beta.shape)}"
         )
     merged: StateDict = {}
     for key, ref in experts[0].items():
@@ -368,6 +405,8 @@ def merged_features(
 
     - ``"per_batch_first"``: faithful to the code (``evaluate_ori``): one merge from the
       **first** sample's CoopVec serves the whole batch; needs task-homogeneous batches.
+    - ``"per_batch_mean"``: one merge from the batch's **mean** CoopVec (task-homogeneous
+      batches): the same cost, without one sample's β deciding the whole batch.
     - ``"per_sample"``: exact: every sample b runs on its own θ_m(b) = Σ_k β_bk θ_k
       (B merges per batch: very expensive).
     - ``"static"``: one merge from a fixed β̄ (e.g. :func:`mean_coopvec` over a
@@ -377,7 +416,7 @@ def merged_features(
         skeleton: the backbone architecture E.
         experts: θ_1..θ_K.
         x: inputs ``(B, *input_shape)``.
-        beta: ``(B, K)`` CoopVecs for ``per_batch_first`` / ``per_sample``; ``(K,)`` β̄
+        beta: ``(B, K)`` CoopVecs for the per-batch and per-sample modes; ``(K,)`` β̄
             for ``static``.
         mode: the inference mode.
 
@@ -398,8 +437,9 @@ def merged_features(
         raise ValueError(
             f"mode {mode!r} takes per-sample CoopVecs of shape ({x.shape[0]}, {k}), got {tuple(beta.shape)}"
         )
-    if mode == "per_batch_first":
-        return functional_call(skeleton, coopvec_merge(experts, beta[0]), (x,), strict=True)
+    if mode in ("per_batch_first", "per_batch_mean"):
+        coopvec = beta[0] if mode == "per_batch_first" else beta.mean(dim=0)
+        return functional_call(skeleton, coopvec_merge(experts, coopvec), (x,), strict=True)
     rows = [
         functional_call(skeleton, coopvec_merge(experts, beta[b]), (x[b : b + 1],), strict=True)
         for b in range(x.shape[0])

@@ -45,6 +45,7 @@ from merging.io import write_text_atomic
 from merging.methods import available_methods, get_method
 from merging.mloss import m_loss
 from merging.modules import EnsembleModule, MergedModule, MultiExpertModule, NeuLigModule, PretrainModule
+from merging.neulig import Constraint, MergeMode
 from merging.report import UNRESOLVED, accuracy_bars, accuracy_table, plus_minus, summarise
 from merging.stability import task_vector_stats
 
@@ -216,12 +217,34 @@ def run_seed(
 
 
 def neulig_rows(
-    seed: int, bundle_dir: str, data: DigitsTasks, epochs: int, hardware: dict[str, Any] | None = None
+    seed: int,
+    bundle_dir: str,
+    data: DigitsTasks,
+    epochs: int,
+    hardware: dict[str, Any] | None = None,
+    *,
+    mode: MergeMode = "per_batch_first",
+    constraint: Constraint = "soft",
 ) -> list[dict]:
-    """Train Portland (supervised, per-sample CoopVecs) on the frozen experts and report its
-    merged and ensembled accuracy, from the Portland chosen on the validation split
-    (``hardware``: the Trainer's ``accelerator`` and ``devices``)."""
-    module = NeuLigModule(bundle_dir, alignment="sup", seed=seed, coopvec_plot=False)
+    """Train Portland (supervised) on the frozen experts and report its merged and ensembled
+    test accuracy, from the Portland chosen on the validation split.
+
+    Args:
+        seed: Portland's initialisation seed.
+        bundle_dir: the experts' bundle.
+        data: the experts' datamodule (its batch size is Portland's, its eval batch size
+            the size of the batches that ``mode`` merges per batch).
+        epochs: Portland's training epochs (validated every ``epochs // 5``).
+        hardware: the Trainer's ``accelerator`` and ``devices``.
+        mode: the merging branch's inference mode (``NeuLigModule(mode=...)``); the default
+            is the code's: one merge per test batch from its **first** sample's CoopVec.
+        constraint: ``NeuLigModule(constraint=...)`` (default: the paper's soft L_a).
+
+    Returns:
+        Two rows, ``neulig (merged)`` and ``neulig (ensembled)``, with ``test/acc/<task>``
+        and ``test/acc_mean``.
+    """
+    module = NeuLigModule(bundle_dir, alignment="sup", seed=seed, coopvec_plot=False, mode=mode, constraint=constraint)
     trainer = quiet_trainer(**(hardware or {}), max_epochs=epochs, check_val_every_n_epoch=max(1, epochs // 5))
     trainer.fit(module, data)
     trainer.test(module, data, verbose=False)

@@ -21,7 +21,7 @@ in the chosen mode, and logs per task
 plus task averages ``{stage}/merged_acc``, ``{stage}/ensembled_acc`` and
 ``{stage}/gap`` = |mean merged − mean ensembled|. ``"per_batch_first"`` figures depend on
 which sample opens each batch, hence on the evaluation batch size and on DDP sharding;
-``"per_sample"`` and ``"static"`` do not.
+``"per_batch_mean"`` on the batch's composition; ``"per_sample"`` and ``"static"`` do not.
 
 Best versus last [I] (spec 1b.4): the code reports the best merged accuracy seen on the
 evaluation split, an optimistic choice. Here the best epoch is chosen on the
@@ -50,11 +50,15 @@ from torchmetrics import MeanMetric, Metric
 from merging._validation import check_bool, check_choice, check_float, check_int, check_str
 from merging.bundle import ExpertBundle
 from merging.neulig import (
+    CONSTRAINTS,
+    MERGE_MODES,
     Alignment,
+    Constraint,
     CoopVecSummary,
     MergeMode,
     Portland,
     concat_features,
+    constrained_coopvec,
     coopvec_ensemble,
     coopvec_statistics,
     expert_features,
@@ -115,8 +119,14 @@ class NeuLigModule(LightningModule):
         lr: Adam learning rate of Portland (code: 1e-3).
         mode: merging-branch inference mode [I]: ``"per_batch_first"`` (faithful to the
             code: the first sample's CoopVec merges the model for the whole task-homogeneous
-            batch), ``"per_sample"`` (exact, one merge per sample) or ``"static"`` (one merge
+            batch), ``"per_batch_mean"`` (the batch's mean CoopVec, same cost; on the digits
+            demo it is far less noisy, ``benchmarks/results/neulig_ablation.md``),
+            ``"per_sample"`` (exact, one merge per sample) or ``"static"`` (one merge
             from the mean CoopVec β̄ over a calibration set: a true single merged model).
+        constraint: the weighted-offset constraint Σ_k β_k ε*_k = 0 [I]: ``"soft"`` (the
+            paper and code: only penalised by L_a / scaling) or ``"hard"`` (every CoopVec,
+            in training and in both evaluation branches, is projected onto the hyperplane,
+            :func:`~merging.neulig.project_coopvec`; it keeps Σβ = 1 but may leave [0, 1]).
         calibration_samples: size of the calibration set of ``"static"`` mode, drawn with
             the datamodule's ``unlabeled_dataloader`` (train split, tasks mixed).
         calibration_seed: seed of that draw.
@@ -138,6 +148,7 @@ class NeuLigModule(LightningModule):
         scaling: float = 100.0,
         lr: float = 1e-3,
         mode: MergeMode = "per_batch_first",
+        constraint: Constraint = "soft",
         calibration_samples: int = 256,
         calibration_seed: int = 0,
         seed: int = 0,
@@ -147,7 +158,8 @@ class NeuLigModule(LightningModule):
         owner = "NeuLigModule"
         check_str("experts", experts, path=True, owner=owner)
         check_choice("alignment", alignment, ("sup", "semi"), owner=owner)
-        check_choice("mode", mode, ("per_batch_first", "per_sample", "static"), owner=owner)
+        check_choice("mode", mode, MERGE_MODES, owner=owner)
+        check_choice("constraint", constraint, CONSTRAINTS, owner=owner)
         check_float("scaling", scaling, low=0.0, low_open=True, owner=owner)
         check_float("lr", lr, low=0.0, low_open=True, owner=owner)
         check_int("calibration_samples", calibration_samples, minimum=1, owner=owner)
@@ -292,7 +304,15 @@ class NeuLigModule(LightningModule):
         for name, (x, y) in batch.items():
             samples += x.shape[0]
             t = self._task_index(name)
-            out = neulig_forward(self.skeleton, self.expert_states, self.heads[t], self.portland, self.eps_star, x)
+            out = neulig_forward(
+                self.skeleton,
+                self.expert_states,
+                self.heads[t],
+                self.portland,
+                self.eps_star,
+                x,
+                self.hparams.constraint,
+            )
             loss = neulig_loss(out.logits, out.reg, y, self.hparams.alignment, self.hparams.scaling)
             optimizer.zero_grad()
             self.manual_backward(loss.total)
@@ -403,7 +423,9 @@ class NeuLigModule(LightningModule):
             raise ValueError("mode='static' needs a datamodule with unlabeled_dataloader(num_samples, seed)")
         loader = datamodule.unlabeled_dataloader(self.hparams.calibration_samples, self.hparams.calibration_seed)
         batches = (batch.to(self.device) for batch in loader)
-        return mean_coopvec(portland, self.skeleton, self.expert_states, batches).to(self.device, torch.float32)
+        beta = mean_coopvec(portland, self.skeleton, self.expert_states, batches).to(self.device, torch.float32)
+        # the projection is affine, so projecting the mean = the mean of the projected CoopVecs
+        return constrained_coopvec(beta.unsqueeze(0), self.eps_star, self.hparams.constraint).squeeze(0)
 
     def _evaluate_batch(self, batch: Sequence[Tensor], task: int, portlands: Mapping[str, Portland]) -> None:
         x, y = batch[0], batch[1]
@@ -411,13 +433,14 @@ class NeuLigModule(LightningModule):
         features = expert_features(self.skeleton, self.expert_states, x)
         task_ids = torch.full_like(y, task)
         for prefix, portland in portlands.items():
-            beta = portland(concat_features(features))
+            raw = portland(concat_features(features))  # on the simplex: the CoopVec map's statistics
+            beta = constrained_coopvec(raw, self.eps_star, self.hparams.constraint)
             coopvec = self._static_coopvec[prefix] if self.hparams.mode == "static" else beta
             merged = head(merged_features(self.skeleton, self.expert_states, x, coopvec, self.hparams.mode))
             ensembled = head(coopvec_ensemble(features, beta))
             self.accuracy[f"{prefix}_merged"][task].update((merged.argmax(1) == y).float())
             self.accuracy[f"{prefix}_ensembled"][task].update((ensembled.argmax(1) == y).float())
-            self.coopvec[prefix].update(beta, task_ids)
+            self.coopvec[prefix].update(raw, task_ids)
 
     def _log_stage(self, prefix: str, group: str) -> tuple[Tensor, Tensor, CoopVecSummary]:
         merged = torch.stack([m.compute() for m in self.accuracy[f"{prefix}_merged"]])
