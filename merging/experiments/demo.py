@@ -28,6 +28,7 @@ import logging
 import statistics
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from merging._validation import check_choice
 from merging.callbacks import StabilityMonitor
 from merging.datamodules import DigitsTasks
 from merging.experiments.scenarios import different_init_scenario
@@ -45,7 +47,7 @@ from merging.io import write_text_atomic
 from merging.methods import available_methods, get_method
 from merging.mloss import m_loss
 from merging.modules import EnsembleModule, MergedModule, MultiExpertModule, NeuLigModule, PretrainModule
-from merging.neulig import Constraint, MergeMode
+from merging.neulig import MERGE_MODES, Constraint, MergeMode
 from merging.report import UNRESOLVED, accuracy_bars, accuracy_table, plus_minus, summarise
 from merging.stability import task_vector_stats
 
@@ -225,6 +227,7 @@ def neulig_rows(
     *,
     mode: MergeMode = "per_batch_first",
     constraint: Constraint = "soft",
+    also_test: Sequence[MergeMode] = (),
 ) -> list[dict]:
     """Train Portland (supervised) on the frozen experts and report its merged and ensembled
     test accuracy, from the Portland chosen on the validation split.
@@ -239,23 +242,33 @@ def neulig_rows(
         mode: the merging branch's inference mode (``NeuLigModule(mode=...)``); the default
             is the code's: one merge per test batch from its **first** sample's CoopVec.
         constraint: ``NeuLigModule(constraint=...)`` (default: the paper's soft L_a).
+        also_test: more inference modes to test the same Portland with (one more row each,
+            ``neulig (merged, <mode>)``; the Portland is still the one ``mode`` chose).
 
     Returns:
         Two rows, ``neulig (merged)`` and ``neulig (ensembled)``, with ``test/acc/<task>``
-        and ``test/acc_mean``.
+        and ``test/acc_mean``, then one per ``also_test`` mode.
     """
     module = NeuLigModule(bundle_dir, alignment="sup", seed=seed, coopvec_plot=False, mode=mode, constraint=constraint)
     trainer = quiet_trainer(**(hardware or {}), max_epochs=epochs, check_val_every_n_epoch=max(1, epochs // 5))
     trainer.fit(module, data)
-    trainer.test(module, data, verbose=False)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     rows = []
-    for kind in ("merged", "ensembled"):
-        row = {"model": f"neulig ({kind})", "seed": seed}
-        for name in data.task_names:
-            row[f"test/acc/{name}"] = metrics[f"test/best/{kind}_acc/{name}"]
-        row["test/acc_mean"] = metrics[f"test/best/{kind}_acc"]
-        rows.append(row)
+
+    def read(kinds: dict[str, str]) -> None:
+        trainer.test(module, data, verbose=False)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        for kind, label in kinds.items():
+            row = {"model": label, "seed": seed}
+            for name in data.task_names:
+                row[f"test/acc/{name}"] = metrics[f"test/best/{kind}_acc/{name}"]
+            row["test/acc_mean"] = metrics[f"test/best/{kind}_acc"]
+            rows.append(row)
+
+    read({"merged": "neulig (merged)", "ensembled": "neulig (ensembled)"})
+    for extra in also_test:
+        module.hparams.mode = check_choice("also_test", extra, MERGE_MODES, owner="neulig_rows")
+        read({"merged": f"neulig (merged, {extra})"})
+    module.hparams.mode = mode
     return rows
 
 

@@ -10,7 +10,9 @@ Per seed (all settings from the :class:`~merging.experiments.claims.protocol.Pro
 3. On the main set: the feature ensemble, averaging and every protocol method, each at its
    fixed λ and with λ chosen on the validation split; the experts' M-Loss per layer and node,
    and the ensemble-minus-average gap per layer (:mod:`merging.experiments.claims.analyses`).
-4. NeuLig's Portland on the main set (the demo's ``neulig_rows``); experts from different
+4. NeuLig's Portland on the main set (the demo's ``neulig_rows``: the Portland chosen on
+   validation, tested with the code's rule, one merge per batch from its first sample's
+   CoopVec, and per sample); experts from different
    initialisations merged by averaging and MuDSC (``run_different_init_seed``); the soup
    analyses on a ten-class fine-tune.
 
@@ -266,7 +268,8 @@ def run_seed(
 
     neulig: dict[str, float] = {}
     if protocol.neulig_epochs:
-        for row in neulig_rows(seed, str(bundle_dir), data, protocol.neulig_epochs, hardware):
+        rows = neulig_rows(seed, str(bundle_dir), data, protocol.neulig_epochs, hardware, also_test=("per_sample",))
+        for row in rows:
             neulig[row["model"]] = row["test/acc_mean"]
         done("NeuLig")
 

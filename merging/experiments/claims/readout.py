@@ -198,6 +198,8 @@ def claim_rows(records: Sequence[dict]) -> dict[str, list[Row]]:
         "neulig_merged_vs_ensembled": [
             Row("NeuLig merged − NeuLig ensembled", _diff(_get("neulig", "neulig (merged)"),
                 _get("neulig", "neulig (ensembled)")), "≈ 0"),
+            Row("NeuLig merged, per-sample CoopVecs − NeuLig ensembled", _diff(
+                _get("neulig", "neulig (merged, per_sample)"), _get("neulig", "neulig (ensembled)")), "≈ 0"),
             Row("NeuLig merged − average", _diff(_get("neulig", "neulig (merged)"), _get("average")), "> 0"),
         ],
         "mudsc_vs_average": [],
