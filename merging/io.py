@@ -124,7 +124,8 @@ def write_atomic(path: str | os.PathLike, write) -> None:
     """Call ``write(tmp_path)`` then move the temporary file onto ``path``.
 
     The temporary file lives in ``path``'s folder (so the rename is atomic) and is removed
-    if ``write`` fails.
+    if ``write`` fails. The file gets the permissions a plain ``open`` would give it (0666
+    less the umask), not ``mkstemp``'s private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +133,9 @@ def write_atomic(path: str | os.PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
