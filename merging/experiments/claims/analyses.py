@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -20,8 +20,14 @@ from merging.models import build_backbone
 from merging.state import StateDict
 
 if TYPE_CHECKING:
-    from merging.experiments.claims.pipeline import Evaluator
-    from merging.experiments.claims.protocol import Protocol
+    from merging.datamodules import MultiTaskDataModule
+    from merging.experiments.claims.protocol import Protocol as ClaimsProtocol
+
+
+class EnsembleScorer(Protocol):
+    """What :func:`layer_gaps` needs of an evaluator (the pipeline's ``Evaluator``)."""
+
+    def ensemble_accuracy(self, experts: Sequence[Mapping[str, Tensor]]) -> float: ...
 
 
 def _average_rows(experts: Sequence[Mapping[str, Tensor]], keys: Sequence[str], rows: Tensor | None) -> list[StateDict]:
@@ -42,7 +48,7 @@ def _average_rows(experts: Sequence[Mapping[str, Tensor]], keys: Sequence[str], 
 
 
 def layer_gaps(
-    evaluator: Evaluator,
+    evaluator: EnsembleScorer,
     experts: Sequence[Mapping[str, Tensor]],
     layers: Sequence[str],
     node_mloss: Mapping[str, Tensor],
@@ -82,18 +88,15 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
-def soup_analyses(protocol: Protocol, seed: int, base_path: Path, hardware: Mapping[str, Any]) -> dict[str, Any]:
-    """M models fine-tuned from θ₀ on all ten classes (model m: its own head initialisation,
-    data order; the paper's code also varies the split, here the split is the seed's), then
-    uniform and greedy soups, logit and feature ensembles, and the ×c scaling scenarios.
-
-    The members train with the pure-torch SGD loop on the CPU (``hardware`` is unused: they
+def soup_analyses(
+    protocol: ClaimsProtocol, data: MultiTaskDataModule, seed: int, base_path: Path
+) -> dict[str, Any]:
+    """M models fine-tuned from θ₀ on all ten classes (``data``: one ten-class task; model m:
+    its own head initialisation and data order; the paper's code also varies the split, here
+    the split is the seed's), then uniform and greedy soups, logit and feature ensembles, and
+    the ×c scaling scenarios. The members train with the pure-torch SGD loop on the CPU (they
     are small).
     """
-    from merging.experiments.claims.pipeline import make_data
-
-    del hardware
-    data = make_data(protocol, seed, groups=[list(range(10))])
     base = load_state_dict(base_path)
     spec = protocol.soup
 

@@ -276,7 +276,7 @@ def run_seed(
     different_init = different_init_record(protocol, seed, hardware)
     done("different initialisations")
 
-    soup = soup_analyses(protocol, seed, base_path, hardware)
+    soup = soup_analyses(protocol, make_data(protocol, seed, groups=[list(range(10))]), seed, base_path)
     done("soups")
 
     return {

@@ -197,3 +197,14 @@ def test_short_run_writes_every_claim_and_reuses_records(tiny_protocol, tmp_path
     monkeypatch.setattr(run, "run_one", no_training)
     again = run.main([*args, "--jobs", "1", "--out", str(tmp_path / "again")])
     assert again["claims"] == written["claims"]
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_short_run_on_a_gpu(tiny_protocol, tmp_path):
+    """The fits run on the GPU (the evaluations stay on the CPU, where the bundles are)."""
+    out = tmp_path / "out"
+    args = ["--config", str(tiny_protocol), "--seeds", "100", "--out", str(out), "--work", str(tmp_path / "w")]
+    run.main([*args, "--jobs", "1", "--accelerator", "gpu"])
+    written = json.loads((out / "claims.json").read_text())
+    assert written["hardware"]["accelerator"] == "gpu" and len(written["claims"]) == len(readout.CLAIMS)
