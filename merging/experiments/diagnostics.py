@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from merging.diagnostics import (
     AveragingReport,
@@ -122,6 +122,26 @@ def step_decay(steps_per_epoch: int, epochs: int, lr: float, gamma: float = 0.2)
     return lr_at
 
 
+def finetune_sgd(
+    factory: Callable[[], nn.Module], dataset: Dataset, *, lr: float, epochs: int, batch_size: int, seed: int
+) -> StateDict:
+    """Fine-tune a classifier with the paper's recipe: cross-entropy, SGD with momentum 0.9 and
+    weight decay 5e-4, and :func:`step_decay` (final weights). Returns the state dict."""
+    schedule = step_decay(-(-len(dataset) // batch_size), epochs, lr)
+    state, _ = train_sgd(
+        factory,
+        nn.functional.cross_entropy,
+        dataset,
+        lr=schedule,
+        batch_size=batch_size,
+        epochs=epochs,
+        momentum=0.9,
+        weight_decay=5e-4,
+        seed=seed,
+    )
+    return state
+
+
 def pretrain_backbone(
     arch: str, train: TensorDataset, *, epochs: int, lr: float, batch_size: int, seed: int
 ) -> StateDict:
@@ -177,19 +197,7 @@ def finetune_models(
                 net.backbone.load_state_dict(backbone, strict=True)
             return net
 
-        schedule = step_decay(-(-len(fit) // batch_size), epochs, lr)
-        state, _ = train_sgd(
-            factory,
-            nn.functional.cross_entropy,
-            fit,
-            lr=schedule,
-            batch_size=batch_size,
-            epochs=epochs,
-            momentum=0.9,
-            weight_decay=5e-4,
-            seed=model_seed,
-        )
-        states.append(state)
+        states.append(finetune_sgd(factory, fit, lr=lr, epochs=epochs, batch_size=batch_size, seed=model_seed))
     return states, TensorDataset(torch.cat(val_x), torch.cat(val_y))
 
 

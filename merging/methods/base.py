@@ -83,6 +83,20 @@ class MergeMethod(ABC):
         for key in experts[0].keys():
             values = [e[key] for e in experts]
             merged[key] = self.merge_entry(key, values, base[key] if base is not None else None, context)
+        return self.finish(merged, context, experts, model=model, data=data)
+
+    def finish(
+        self,
+        merged: StateDict,
+        context: Any,
+        experts: Sequence[Mapping[str, Tensor]],
+        *,
+        model: nn.Module | None = None,
+        data: Iterable[Any] | None = None,
+    ) -> StateDict:
+        """A whole-model step after the entries are merged (default: none). A method whose
+        result needs the merged model as a whole (MuDSC's REPAIR) overrides it; streamed
+        merges from files, which never hold the whole model, do not run it."""
         return merged
 
     def merge_entry(self, key: str, values: Sequence[Tensor], base: Tensor | None, context: Any) -> Tensor:

@@ -35,7 +35,7 @@ from merging.alignment.repair import repair_state
 from merging.alignment.solvers import UnitMatching
 from merging.alignment.spec import PermSpec
 from merging.methods.base import MergeMethod, register_method
-from merging.state import StateDict, check_compatible
+from merging.state import StateDict
 
 #: The corrections applied to the merged model (MuDSC's ``repair`` setting).
 REPAIR_CHOICES = ("none", "reset_bn", "repair")
@@ -198,14 +198,18 @@ class MuDSC(MergeMethod):
             ValueError: fewer than 2 experts, a missing model/data, keys that do not match
                 the model, a spec that does not fit, or data without batches.
         """
-        experts = list(experts)
-        self.check_inputs(experts, base, model, data)
-        check_compatible(experts, base)
-        context = self.prepare(experts, base, model=model, data=data)
-        merged: StateDict = {}
-        for key in experts[0].keys():
-            values = [e[key] for e in experts]
-            merged[key] = self.merge_entry(key, values, base[key] if base is not None else None, context)
+        return super().merge(experts, base, model=model, data=data)
+
+    def finish(
+        self,
+        merged: StateDict,
+        context: Any,
+        experts: Sequence[Mapping[str, Tensor]],
+        *,
+        model: nn.Module | None = None,
+        data: Iterable[Any] | None = None,
+    ) -> StateDict:
+        """Correct the merged model (``repair``) once every entry is merged."""
         return self.correct(model, experts, merged, context.spec, context.result.matchings, data)
 
     def correct(

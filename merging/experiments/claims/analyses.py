@@ -13,8 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from merging.diagnostics import collect_outputs, magnitude_stability, weight_vs_feature_averaging
-from merging.experiments.diagnostics import step_decay
-from merging.experiments.training import train_sgd
+from merging.experiments.diagnostics import finetune_sgd
 from merging.io import load_state_dict
 from merging.models import build_backbone
 from merging.state import StateDict
@@ -105,23 +104,11 @@ def soup_analyses(
         backbone.load_state_dict(base, strict=True)
         return Classifier(backbone, 10)
 
-    train = data.dataset(0, "train")
-    batch = protocol.data.batch_size
-    schedule = step_decay(-(-len(train) // batch), spec.epochs, spec.lr)
-    states = []
-    for m in range(spec.members):
-        state, _ = train_sgd(
-            factory,
-            nn.functional.cross_entropy,
-            train,
-            lr=schedule,
-            batch_size=batch,
-            epochs=spec.epochs,
-            momentum=0.9,
-            weight_decay=5e-4,
-            seed=1000 * seed + m + 1,
-        )
-        states.append(state)
+    train, batch = data.dataset(0, "train"), protocol.data.batch_size
+    states = [
+        finetune_sgd(factory, train, lr=spec.lr, epochs=spec.epochs, batch_size=batch, seed=1000 * seed + m + 1)
+        for m in range(spec.members)
+    ]
     skeleton = factory().eval()
     test, val = data.task_dataloader(0, "test"), data.task_dataloader(0, "val")
     report = weight_vs_feature_averaging(skeleton, states, test, val)
