@@ -77,7 +77,8 @@ def device_name(device: str) -> str:
 
     if device_type(device) == "cuda":
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return f"{device} ({platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{device} ({platform.machine()}, {threads} thread{'' if threads == 1 else 's'})"
 
 
 def copy_bandwidth(device: str, nbytes: int, repeats: int = 5) -> float:
