@@ -155,3 +155,16 @@ def write_figures(path: Path, figures: dict[str, Any]) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_text_atomic(path, json.dumps(figures, indent=1, sort_keys=True) + "\n")
+
+
+def trainer_hardware(device: str) -> dict[str, Any]:
+    """``--device`` as a Lightning Trainer's ``accelerator`` and ``devices``: ``cpu`` ->
+    ``("cpu", 1)``, ``cuda`` -> ``("gpu", [0])``, ``cuda:1`` -> ``("gpu", [1])``."""
+    import torch
+
+    d = torch.device(device)
+    if d.type == "cuda":
+        return {"accelerator": "gpu", "devices": [d.index or 0]}
+    if d.type == "cpu":
+        return {"accelerator": "cpu", "devices": 1}
+    raise ValueError(f"--device {device!r}: the benchmarks train on cpu or cuda[:index]")
