@@ -184,8 +184,11 @@ def figures(rows: list[dict], args: argparse.Namespace, bandwidth: float) -> dic
     avg = rows[0]["seconds"]
     params = rows[0]["params"]
     methods = {
-        r["method"]: r | {"over_average": r["seconds"] / avg,
-                          "over_floor": r["seconds"] * bandwidth / floor_bytes(r["method"], params, args.experts)}
+        r["method"]: r
+        | {
+            "over_average": r["seconds"] / avg,
+            "over_floor": r["seconds"] * bandwidth / floor_bytes(r["method"], params, args.experts),
+        }
         for r in rows
     }
     dare = methods.get("dare (task arithmetic)")

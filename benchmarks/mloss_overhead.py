@@ -332,8 +332,10 @@ def mloss_cost(device: str = "cpu", toy: bool = False) -> list[Cost]:
         t_forward = _median_time(forward)
         for k in (2, 4):
             experts = [
-                {n: v + 0.01 * torch.randn(v.shape, generator=g).to(device) if v.is_floating_point() else v
-                 for n, v in base.items()}
+                {
+                    n: v + 0.01 * torch.randn(v.shape, generator=g).to(device) if v.is_floating_point() else v
+                    for n, v in base.items()
+                }
                 for _ in range(k)
             ]
 
@@ -472,8 +474,13 @@ def main(argv: list[str] | None = None) -> dict:
         "precision": args.precision,
         "period": period,
         "cases": {
-            o.case: {"overhead": o.overhead, "direct": o.direct, "step": o.step, "pairs": len(o.pairs),
-                     "peak_mb": o.peak_mb}
+            o.case: {
+                "overhead": o.overhead,
+                "direct": o.direct,
+                "step": o.step,
+                "pairs": len(o.pairs),
+                "peak_mb": o.peak_mb,
+            }
             for o in overhead
         },
         "overhead": goal_case.overhead,
