@@ -13,12 +13,13 @@ glue them, minus the model loading. Each worker writes its merged state dict; a 
 subprocess counts the entries where ours and theirs differ.
 
 Measured per worker:
-    - cold: the first merge in the fresh process, import included: importing the merge code
-      (ours: ``merging.methods``; theirs: FusionBench's modules) and building the method,
-      then the first merge (torch is imported and the inputs loaded before: both sides need
-      them). Ours runs with an empty numba cache (``NUMBA_CACHE_DIR`` a new folder), as
-      after a fresh install, so a TIES worker compiles its loops in that first merge. The
-      goal (issue 20): ours at most 0.5x FusionBench's;
+    - cold: in a worker of its own, the first merge in a fresh process, import included:
+      importing the merge code (ours: ``merging.methods``; theirs: FusionBench's modules) and
+      building the method, then one merge (torch is imported and the inputs loaded before:
+      both sides need them). It runs with an empty numba cache (``NUMBA_CACHE_DIR`` a new
+      folder), as after a fresh install, so our TIES compiles its loops in that merge. The
+      goal (issue 20): ours at most 0.5x FusionBench's. The warm worker below runs with the
+      machine's numba cache, as before;
     - time (warm): best of ``--repeats`` merges, the inputs already in memory (loading excluded);
     - peak: the high-water mark of resident memory during each merge less the resident
       memory after loading the inputs, largest over the repeats (the high-water mark is
@@ -302,12 +303,20 @@ def theirs_merge(label: str, meta: dict) -> Callable:
 
 
 def worker(
-    side: str, label: str, folder: Path, num_experts: int, repeats: int, threads: int, device: str = "cpu"
+    side: str,
+    label: str,
+    folder: Path,
+    num_experts: int,
+    repeats: int,
+    threads: int,
+    device: str = "cpu",
+    cold: bool = False,
 ) -> None:
-    """Load the inputs, import the merge code and merge ``repeats`` times (the first, with the
-    import, is the cold figure), write the figures and the last merge; then, for FusionBench's
-    runs with a variant (:data:`THEIRS`), merge once more with the variant (not timed) and
-    write that too. Files: ``{side}-{tag(label)}-{K}.json|.safetensors``."""
+    """Load the inputs, import the merge code and merge ``repeats`` times, write the figures
+    and the last merge; then, for FusionBench's runs with a variant (:data:`THEIRS`), merge
+    once more with the variant (not timed) and write that too. Files:
+    ``{side}-{tag(label)}-{K}.json|.safetensors``. With ``cold``: the import and one merge,
+    timed together, written to ``{side}-{tag(label)}-{K}-cold.json``."""
     import contextlib
     import io
 
@@ -337,6 +346,14 @@ def worker(
     start = time.perf_counter()
     merge = ours_merge(label) if side == "ours" else theirs_merge(label, meta)  # imports the merge code
     import_seconds = time.perf_counter() - start
+    if cold:
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            merge(experts, base, keys)
+        synchronize(device)
+        cold_seconds = time.perf_counter() - start
+        figures = {"import_seconds": import_seconds, "cold_seconds": cold_seconds, "threads": threads}
+        (folder / f"{side}-{tag(label)}-{num_experts}-cold.json").write_text(json.dumps(figures))
+        return
     resettable = True
     times, peaks = [], []
     threads_after = set()
@@ -369,7 +386,6 @@ def worker(
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path))
     figures = {
         "import_seconds": import_seconds,
-        "cold_seconds": import_seconds + times[0],
         "seconds": min(times),
         "times": times,
         "loaded_mb": loaded,
@@ -672,6 +688,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--make-inputs", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=3, metavar=("SIDE", "LABEL", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--compare", type=Path, metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.experts = args.experts or ([2] if args.toy else [3, 8])
 
@@ -680,7 +697,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     if args.worker:
         side, label, folder = args.worker
-        worker(side, label, Path(folder), args.experts[0], args.repeats, args.threads, args.device)
+        worker(side, label, Path(folder), args.experts[0], args.repeats, args.threads, args.device, args.cold)
         return None
     if args.compare:
         pairs = [(label, label) for label in THEIRS] + [(label, v) for label, v in THEIRS.items() if v is not None]
@@ -713,20 +730,13 @@ def main(argv: list[str] | None = None) -> dict | None:
             figures: dict[tuple[str, str], dict] = {}
             for side, python, labels in (("ours", sys.executable, OURS), ("theirs", args.peer_python, THEIRS)):
                 for label in labels:
-                    # An empty numba cache per worker: its first merge is the first after a fresh install.
+                    run = [python, "--worker", side, label, str(folder), "--experts", str(k), *common]
+                    # Cold: an empty numba cache, so its merge is the first after a fresh install.
                     with tempfile.TemporaryDirectory(prefix="numba-cache-", dir=args.workdir) as cache:
-                        spawn(
-                            python,
-                            "--worker",
-                            side,
-                            label,
-                            str(folder),
-                            "--experts",
-                            str(k),
-                            *common,
-                            env={"NUMBA_CACHE_DIR": cache},
-                        )
+                        spawn(*run, "--cold", env={"NUMBA_CACHE_DIR": cache})
+                    spawn(*run)
                     figures[side, label] = json.loads((folder / f"{side}-{tag(label)}-{k}.json").read_text())
+                    figures[side, label] |= json.loads((folder / f"{side}-{tag(label)}-{k}-cold.json").read_text())
                     print(
                         f"K={k} {side} {label}: cold {figures[side, label]['cold_seconds']:.3f} s, "
                         f"warm {figures[side, label]['seconds']:.3f} s",
