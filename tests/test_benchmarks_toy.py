@@ -4,8 +4,10 @@ goals) cannot fail on a code error the first time it meets a GPU or FusionBench'
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -22,18 +24,37 @@ def _module(name: str):
     return importlib.import_module(name)
 
 
+@contextlib.contextmanager
+def _restored_process_state():
+    """The benchmarks set process-wide state (torch's thread count; mloss_overhead the root
+    logger and Lightning's log levels): put it back for the tests that follow in this worker."""
+    threads = torch.get_num_threads()
+    names = ("lightning.pytorch", "lightning.fabric", "lightning")
+    levels = {n: logging.getLogger(n).level for n in names}
+    root_level, root_handlers = logging.root.level, logging.root.handlers[:]
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+        logging.root.setLevel(root_level)
+        logging.root.handlers[:] = root_handlers
+
+
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     """``bench.py --toy`` once: every benchmark at toy size on the CPU, then the summary."""
     results = tmp_path_factory.mktemp("bench")
-    threads = torch.get_num_threads()
-    try:
+    with _restored_process_state():
         rows = _module("bench").main(
             ["--toy", "--no-gpu", "--results", str(results), "--peer-python", str(results / "no-peer-python")]
         )
-    finally:
-        torch.set_num_threads(threads)
     return results, rows
+
+
+def test_toy_run_leaves_the_process_state_as_it_found_it(toy_run):
+    assert logging.getLogger("lightning.pytorch").level != logging.ERROR
 
 
 def test_toy_run_writes_every_table_and_figures(toy_run):
@@ -70,14 +91,11 @@ def test_mloss_toy_overhead_and_goal(toy_run):
 
 
 def test_mloss_toy_bf16(tmp_path):
-    threads = torch.get_num_threads()
-    try:
+    with _restored_process_state():
         figures = _module("mloss_overhead").main(
             ["--toy", "--skip-cost", "--precision", "bf16-mixed", "--out", str(tmp_path / "m.md"),
              "--json", str(tmp_path / "m.json")]
         )  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
     assert figures["precision"] == "bf16-mixed" and json.loads((tmp_path / "m.json").read_text()) == figures
     assert "precision bf16-mixed" in (tmp_path / "m.md").read_text()
 
@@ -126,22 +144,19 @@ def test_summary_pass_fail_and_missing():
     assert rows[first_ties]["status"] == "not measured: no venv"
 
 
-def test_peers_toy_ours_side(tmp_path, monkeypatch):
+def test_peers_toy_ours_side(tmp_path):
     """The peers benchmark's inputs, workers (cold and warm), comparison and report at toy size.
     FusionBench is not installed here: its side is stood in for by copies of ours."""
     peers = _module("peers")
-    threads = torch.get_num_threads()
     folder = tmp_path / "inputs"
     folder.mkdir()
-    try:
+    with _restored_process_state():
         peers.main(["--make-inputs", str(folder), "--toy"])
         meta = json.loads((folder / "meta.json").read_text())
         assert meta["environment"]["toy"] and "bandwidth floor" in meta["header"]
         for label in peers.OURS:
             peers.main(["--worker", "ours", label, str(folder), "--toy", "--cold"])
             peers.main(["--worker", "ours", label, str(folder), "--toy", "--repeats", "2"])
-    finally:
-        torch.set_num_threads(threads)
     figures = {}
     for label in peers.OURS:
         figures[label] = json.loads((folder / f"ours-{peers.tag(label)}-2.json").read_text())
