@@ -505,7 +505,7 @@ def render(rows: list[dict], info: dict) -> str:
         f"below). Total run {info['wall']:.0f} s.",
         "",
         f"{info.get('header', 'Device: cpu')}; reading K experts and θ₀ and writing the merge once takes "
-        + ", ".join(f"{floor * 1e3:.1f} ms (K={k})" for k, floor in info.get("floors", {}).items())
+        + ", ".join(f"{floor * 1e3:.3g} ms (K={k})" for k, floor in info.get("floors", {}).items())
         + ".",
         "",
         "Cold: the first merge in a fresh process, import of the merge code included (ours with an empty "
