@@ -54,10 +54,10 @@ test-fast: setup
 test-gpu: setup
 	$(PY) -m pytest -q -m cuda -rs
 
+# Every benchmark on the CPU (and the GPU where CUDA is found; FusionBench side by side where
+# .venv-peers exists), then one table of the goals: benchmarks/results/goals.md.
 bench: setup
-	$(PY) benchmarks/merge_speed.py
-	$(PY) benchmarks/mloss_overhead.py
-	$(PY) benchmarks/mties_speed.py
+	$(PY) benchmarks/bench.py
 
 # FusionBench side by side: its own venv (full dependency set, torch pinned by constraints.txt).
 PEERS       := .venv-peers
@@ -65,6 +65,7 @@ PEERS_PY    := $(PEERS)/bin/python
 PEERS_STAMP := $(PEERS)/.installed
 FUSION_BENCH := fusion-bench==0.2.33
 
+# Cold (first merge in a new process, import included) and warm, ours and FusionBench's.
 bench-peers: setup $(PEERS_STAMP)
 	$(PY) benchmarks/peers.py
 

@@ -12,10 +12,14 @@ write (K experts, the base where it takes one, the output) over the device's cop
 measured here with a large ``copy_``; each method's time is also given as a multiple of its
 floor. DARE's ratio to averaging is printed next to its goal (3x on the CPU, 2x on a GPU).
 
+On a GPU, averaging, task arithmetic and TIES (global) are also set against their goal of at
+most 10x their floor.
+
 Run: ``make bench`` or ``python benchmarks/merge_speed.py [--experts 8] [--repeats 3]
 [--device cuda]``. Writes ``benchmarks/results/merge_speed.md`` (``merge_speed_<device>.md``
-for another device). ``--toy`` runs a tiny state dict (a test runs the CUDA code path on CPU
-tensors with it).
+for another device) and the figures as JSON beside it (``--json``) for the goal summary.
+``--toy`` runs a tiny state dict in this process (a test runs the CUDA code path on CPU
+tensors with it) and writes under ``benchmarks/results/toy/`` unless told otherwise.
 """
 
 from __future__ import annotations
@@ -29,7 +33,19 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from _common import (  # benchmarks/ is on sys.path when run as a script
+    add_device_arguments,
+    bandwidth_bytes,
+    copy_bandwidth,
+    device_name,
+    environment,
+    peak_memory_mb,
+    reset_peak_memory,
+    result_path,
+    rss_mb,
+    synchronize,
+    write_figures,
+)
 
 METHODS = {
     "average": {},
@@ -61,6 +77,9 @@ def block_shapes(prefix: str, width: int) -> dict[str, tuple[int, ...]]:
 
 DARE_GOAL = {"cpu": 3.0, "cuda": 2.0}
 """DARE (task-arithmetic combine) time / averaging time, the goal per device type (issue 20)."""
+FLOOR_GOAL = {"cuda": 10.0}
+"""Time / bandwidth floor of :data:`FLOOR_GOAL_METHODS`, the goal per device type (issue 20)."""
+FLOOR_GOAL_METHODS = ("average", "task_arithmetic", "ties (global)")
 
 
 def transformer_shapes(width: int = 768, vocab: int = 5000, blocks: int = 3) -> dict[str, tuple[int, ...]]:
@@ -68,35 +87,6 @@ def transformer_shapes(width: int = 768, vocab: int = 5000, blocks: int = 3) -> 
     for b in range(blocks):
         shapes |= block_shapes(f"blocks.{b}.", width)
     return shapes
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def synchronize(device: str) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device: str, nbytes: int, repeats: int = 5) -> float:
-    """The device's copy bandwidth in bytes/s: (bytes read + bytes written) / time of one
-    ``dst.copy_(src)`` of ``nbytes``, best of ``repeats``."""
-    import torch
-
-    src = torch.ones(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first copy touches the pages: not timed
-        synchronize(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best
 
 
 def floor_bytes(label: str, params: int, num_experts: int) -> int:
@@ -113,7 +103,6 @@ def run_one(label: str, num_experts: int, repeats: int, device: str = "cpu", toy
     from merging.state import num_bytes, num_parameters
 
     torch.manual_seed(0)
-    cuda = torch.device(device).type == "cuda"
     before = rss_mb()
     shapes = transformer_shapes(width=32, vocab=50, blocks=1) if toy else transformer_shapes()
     base = {k: (torch.randn(s) * 0.02).to(device) for k, s in shapes.items()}
@@ -123,8 +112,7 @@ def run_one(label: str, num_experts: int, repeats: int, device: str = "cpu", toy
     inputs_mb = (num_bytes(base) + sum(num_bytes(e) for e in experts)) / 2**20
     name = label.split(" ")[0]
     method = get_method(name, **METHODS[label])
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -133,9 +121,8 @@ def run_one(label: str, num_experts: int, repeats: int, device: str = "cpu", toy
         synchronize(device)
         times.append(time.perf_counter() - t0)
         del merged
-    if cuda:
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
+    peak_mb = peak_memory_mb(device)
+    if peak_mb is None:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
     return {
         "method": label,
@@ -181,25 +168,56 @@ def table(rows: list[dict], args: argparse.Namespace, device_name: str, torch_ve
         goal = DARE_GOAL.get(kind)
         goal_text = f"goal at most {goal:.0f}x on {kind}" if goal else "no goal set for this device type"
         lines += ["", f"DARE (task arithmetic) / average: {dare['seconds'] / avg:.2f}x ({goal_text})."]
+    goal = FLOOR_GOAL.get(kind)
+    floors = ", ".join(
+        f"{r['method']} {r['seconds'] * bandwidth / floor_bytes(r['method'], params, args.experts):.1f}x"
+        for r in rows
+        if r["method"] in FLOOR_GOAL_METHODS
+    )
+    goal_text = f"goal at most {goal:.0f}x on {kind}" if goal else "goal at most 10x on a GPU; none on " + kind
+    lines += ["", f"Time / floor: {floors} ({goal_text})."]
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def figures(rows: list[dict], args: argparse.Namespace, bandwidth: float) -> dict:
+    """The run's figures for the goal summary: per method time, time / average, time / floor."""
+    avg = rows[0]["seconds"]
+    params = rows[0]["params"]
+    methods = {
+        r["method"]: r
+        | {
+            "over_average": r["seconds"] / avg,
+            "over_floor": r["seconds"] * bandwidth / floor_bytes(r["method"], params, args.experts),
+        }
+        for r in rows
+    }
+    dare = methods.get("dare (task arithmetic)")
+    return environment(args.device, bandwidth, args.toy) | {
+        "benchmark": "merge_speed",
+        "experts": args.experts,
+        "repeats": args.repeats,
+        "params": params,
+        "methods": methods,
+        "dare_over_average": dare["over_average"] if dare else None,
+        "dare_goal": DARE_GOAL.get(args.device.split(":")[0]),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=None, help="K (default 8; 2 with --toy)")
     parser.add_argument("--repeats", type=int, default=None, help="timed merges per method (default 3; 1 with --toy)")
-    parser.add_argument("--device", default="cpu", help="where the state dicts live: cpu, cuda, cuda:1, ...")
-    parser.add_argument("--toy", action="store_true", help="a tiny state dict, each method in this process")
-    parser.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/...)")
+    add_device_arguments(parser)
+    parser.add_argument("--out", type=Path, default=None, help="results table (default benchmarks/results/...)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.experts = args.experts if args.experts is not None else (2 if args.toy else 8)
     args.repeats = args.repeats if args.repeats is not None else (1 if args.toy else 3)
     if args.one:
-        print(json.dumps(run_one(args.one, args.experts, args.repeats, args.device, args.toy)))
-        return
+        row = run_one(args.one, args.experts, args.repeats, args.device, args.toy)
+        print(json.dumps(row))
+        return row
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
     rows = []
@@ -212,20 +230,18 @@ def main(argv: list[str] | None = None) -> None:
         command += ["--repeats", str(args.repeats), "--device", args.device]
         out = subprocess.run(command, check=True, capture_output=True, text=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        device_name = f"{args.device} ({torch.cuda.get_device_name(device)})"
-    else:
-        device_name = f"{args.device} ({torch.get_num_threads()} threads)"
-    bandwidth = copy_bandwidth(args.device, (1 << 22) if args.toy else (1 << 30))
-    text = table(rows, args, device_name, torch.__version__, bandwidth)
+    bandwidth = copy_bandwidth(args.device, bandwidth_bytes(args.toy))
+    text = table(rows, args, device_name(args.device), torch.__version__, bandwidth)
     from merging.io import write_text_atomic
 
-    suffix = "" if device.type == "cpu" else f"_{device.type}"
-    out_path = args.out or RESULTS / f"merge_speed{suffix}.md"
+    out_path = args.out or result_path("merge_speed", args.device, args.toy, "md")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_path, text)
+    result = figures(rows, args, bandwidth)
+    json_path = write_figures(args.json or result_path("merge_speed", args.device, args.toy, "json"), result)
     print(text)
-    print(f"written to {out_path}")
+    print(f"written to {out_path} and {json_path}")
+    return result
 
 
 if __name__ == "__main__":

@@ -27,20 +27,27 @@
    the time of the measured ``nn.Linear``/``nn.Conv`` modules alone on their hooked inputs.
    A call also traces the layers with one forward of its first batch.
 
-Times are the **CPU time of this process** (``time.process_time``) with one torch thread,
-which other jobs on a shared machine distort far less than wall-clock time. Random or
-bundled data (scikit-learn digits), ``pretrained=False`` models, no network. Usage::
+On the CPU, times are the **CPU time of this process** (``time.process_time``) with one torch
+thread, which other jobs on a shared machine distort far less than wall-clock time. With
+``--device cuda`` the Trainers run on that GPU (``accelerator="gpu"``) and m_loss on its
+tensors; times are wall-clock after ``torch.cuda.synchronize`` (at every step end, in both
+arms), and each case's peak CUDA memory is reported. ``--precision bf16-mixed`` fits under
+autocast (the goal: under 5% of step time in fp32 and bf16 on a GPU, at the default
+schedule, on the digits default). The header gives the device, the torch version and the
+copy bandwidth. Random or bundled data (scikit-learn digits), ``pretrained=False`` models, no
+network. Usage::
 
-    .venv/bin/python benchmarks/mloss_overhead.py [--scale 1] [--skip-cost]
+    .venv/bin/python benchmarks/mloss_overhead.py [--scale 1] [--skip-cost] [--device cuda] [--precision bf16-mixed]
 
-Prints a table and writes ``benchmarks/results/mloss_overhead.md`` (atomically).
+Prints a table and writes ``benchmarks/results/mloss_overhead[_cuda][_bf16-mixed].md``
+(atomically) and the figures as JSON beside it (``--json``). ``--toy``: blocks of 2 steps, one
+pair per case, the small m_loss cases: a code-path check, written under ``results/toy/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import statistics
 import time
 import warnings
@@ -51,6 +58,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import (  # benchmarks/ is on sys.path when run as a script; puts the root first
+    add_device_arguments,
+    bandwidth_bytes,
+    clock,
+    copy_bandwidth,
+    device_type,
+    environment,
+    header_line,
+    peak_memory_mb,
+    reset_peak_memory,
+    result_path,
+    trainer_hardware,
+    write_figures,
+)
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch import nn
@@ -58,13 +79,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from merging.callbacks import MLossMonitor
 from merging.callbacks.mloss_monitor import DEFAULT_EVERY_N_TRAIN_STEPS
-from merging.experiments.trainers import add_hardware_arguments
 from merging.io import write_text_atomic
 from merging.mloss import find_activation_layers, m_loss
 from merging.models import MLP, SmallCNN
 
-RESULTS = Path(__file__).resolve().parent / "results" / "mloss_overhead.md"
 PERIOD = DEFAULT_EVERY_N_TRAIN_STEPS
+OVERHEAD_GOAL = {"cuda": 0.05}
+"""MLossMonitor's overhead on the digits default at its default schedule, the goal per device
+type (issue 20), in fp32 and bf16-mixed."""
+GOAL_CASE = "digits default: MultiExpertModule, SmallCNN w16, K=4, DigitsTasks batch 32"
+
+_now = time.process_time
+"""The clock: :func:`_common.clock` of the device (set in :func:`main`)."""
 
 
 class StepClock(Callback):
@@ -75,34 +101,35 @@ class StepClock(Callback):
         self.at: dict[int, float] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.at[trainer.global_step] = time.process_time()
+        self.at[trainer.global_step] = _now()
 
 
 class BlockMonitor(MLossMonitor):
-    """MLossMonitor (default settings) that measures at the end of the given blocks of PERIOD
-    steps only, and times its own hooks."""
+    """MLossMonitor (default settings) that measures at the end of the given blocks of
+    ``period`` steps only, and times its own hooks."""
 
-    def __init__(self, measured: set[int]) -> None:
+    def __init__(self, measured: set[int], period: int = PERIOD) -> None:
         super().__init__(heatmap_filename=None)
         self.measured = measured
+        self.period = period
         self.hook_time: dict[int, float] = {}
 
     def should_measure(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         if step_idx is None:
             return False
         step = step_idx + 1
-        return step % PERIOD == 0 and step // PERIOD - 1 in self.measured
+        return step % self.period == 0 and step // self.period - 1 in self.measured
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        start = time.process_time()
+        start = _now()
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self.hook_time[trainer.global_step + 1] = time.process_time() - start
+        self.hook_time[trainer.global_step + 1] = _now() - start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        start = time.process_time()
+        start = _now()
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step = trainer.global_step
-        self.hook_time[step] = self.hook_time.get(step, 0.0) + time.process_time() - start
+        self.hook_time[step] = self.hook_time.get(step, 0.0) + _now() - start
 
 
 class CNNClassifier(LightningModule):
@@ -158,6 +185,8 @@ class Overhead:
     monitor_per_period: float  # the monitor's hooks over a B block, its measurement included (s)
     blocks: float  # Σ B / Σ A − 1
     pairs: list[float]  # per pair: time(B) / time(A) − 1
+    period: int = PERIOD  # steps per block
+    peak_mb: float | None = None  # peak CUDA memory of the fit (None on the CPU)
 
     @property
     def overhead(self) -> float:
@@ -166,25 +195,33 @@ class Overhead:
     @property
     def direct(self) -> float:
         """The monitor's own time per period over the period's training time."""
-        return self.monitor_per_period / (PERIOD * self.step)
+        return self.monitor_per_period / (self.period * self.step)
 
 
 def paired_blocks(
-    case: str, make: Callable[[], tuple[LightningModule, Any]], pairs: int, hardware: dict | None = None
+    case: str,
+    make: Callable[[], tuple[LightningModule, Any]],
+    pairs: int,
+    hardware: dict | None = None,
+    period: int = PERIOD,
+    precision: str = "32-true",
 ) -> Overhead:
-    """One fit of (1 + 2·pairs)·PERIOD steps, measuring in block 0 and in the B blocks."""
+    """One fit of (1 + 2·pairs)·period steps, measuring in block 0 and in the B blocks."""
     order = []  # (A block, B block) per pair, in the order A B, B A, A B, ...
     for r in range(pairs):
         first, second = 1 + 2 * r, 2 + 2 * r
         order.append((first, second) if r % 2 == 0 else (second, first))
     seed_everything(0, verbose=False)
     model, data = make()
-    monitor = BlockMonitor({0} | {b for _, b in order})
+    monitor = BlockMonitor({0} | {b for _, b in order}, period)
     clock = StepClock()
     hardware = hardware or {"accelerator": "cpu"}
+    device = f"cuda:{hardware['devices'][0]}" if hardware["accelerator"] == "gpu" else "cpu"
+    reset_peak_memory(device)
     trainer = Trainer(
         **hardware,
-        max_steps=(1 + 2 * pairs) * PERIOD,
+        precision=precision,
+        max_steps=(1 + 2 * pairs) * period,
         limit_val_batches=0,
         callbacks=[monitor, clock],
         logger=False,
@@ -197,22 +234,24 @@ def paired_blocks(
     else:
         trainer.fit(model, datamodule=data)
     at = clock.at
-    block = {b: at[(b + 1) * PERIOD] - at[b * PERIOD] for b in range(1, 1 + 2 * pairs)}
+    block = {b: at[(b + 1) * period] - at[b * period] for b in range(1, 1 + 2 * pairs)}
     a_time = sum(block[a] for a, _ in order)
     b_time = sum(block[b] for _, b in order)
-    a_steps = [s for a, _ in order for s in range(a * PERIOD + 1, (a + 1) * PERIOD + 1)]
+    a_steps = [s for a, _ in order for s in range(a * period + 1, (a + 1) * period + 1)]
     hooks = statistics.fmean(monitor.hook_time.get(s, 0.0) for s in a_steps)
-    b_steps = [s for _, b in order for s in range(b * PERIOD + 1, (b + 1) * PERIOD + 1)]
+    b_steps = [s for _, b in order for s in range(b * period + 1, (b + 1) * period + 1)]
     monitor_time = sum(monitor.hook_time.get(s, 0.0) for s in b_steps) / pairs
     logging.info("%s: %s", case, ", ".join(f"{100 * (block[b] / block[a] - 1):+.1f}%" for a, b in order))
     return Overhead(
         case=case,
-        step=a_time / (pairs * PERIOD),
+        step=a_time / (pairs * period),
         extra_per_measurement=(b_time - a_time) / pairs,
         hooks_per_step=hooks,
         monitor_per_period=monitor_time,
         blocks=b_time / a_time - 1,
         pairs=[block[b] / block[a] - 1 for a, b in order],
+        period=period,
+        peak_mb=peak_memory_mb(device),
     )
 
 
@@ -220,9 +259,9 @@ def _median_time(fn: Callable[[], object], repeats: int = 7) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        start = time.process_time()
+        start = _now()
         fn()
-        times.append(time.process_time() - start)
+        times.append(_now() - start)
     return statistics.median(times)
 
 
@@ -259,7 +298,7 @@ def _layer_time(model: nn.Module, batches: list[torch.Tensor]) -> tuple[float, i
     return _median_time(run), len(names)
 
 
-def mloss_cost() -> list[Cost]:
+def mloss_cost(device: str = "cpu", toy: bool = False) -> list[Cost]:
     from timm.models.vision_transformer import VisionTransformer
 
     cases = [
@@ -274,13 +313,15 @@ def mloss_cost() -> list[Cost]:
             32,
         ),
     ]
+    if toy:
+        cases = [(f"{name} (toy: batches of 4)", build, shape, 4) for name, build, shape, _ in cases[:2]]
     rows = []
     for name, build, shape, batch in cases:
         torch.manual_seed(0)
-        model = build().eval()
+        model = build().eval().to(device)
         base = {k: v.clone() for k, v in model.state_dict().items()}
         g = torch.Generator().manual_seed(1)
-        batches = [torch.randn(batch, *shape, generator=g) for _ in range(2)]
+        batches = [torch.randn(batch, *shape, generator=g).to(device) for _ in range(2)]
         t_layers, num_layers = _layer_time(model, batches)
 
         def forward() -> None:
@@ -291,8 +332,10 @@ def mloss_cost() -> list[Cost]:
         t_forward = _median_time(forward)
         for k in (2, 4):
             experts = [
-                {n: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-                 for n, v in base.items()}
+                {
+                    n: v + 0.01 * torch.randn(v.shape, generator=g).to(device) if v.is_floating_point() else v
+                    for n, v in base.items()
+                }
                 for _ in range(k)
             ]
 
@@ -305,17 +348,34 @@ def mloss_cost() -> list[Cost]:
     return rows
 
 
-def render(overhead: list[Overhead], cost: list[Cost], command: str) -> str:
+def render(
+    overhead: list[Overhead],
+    cost: list[Cost],
+    command: str,
+    device: str = "cpu",
+    bandwidth: float | None = None,
+    precision: str = "32-true",
+    toy: bool = False,
+) -> str:
+    kind = device_type(device)
+    period = overhead[0].period if overhead else PERIOD
+    times = (
+        "times are wall-clock after torch.cuda.synchronize at every step end (both arms)"
+        if kind == "cuda"
+        else f"times are this process's CPU time, {torch.get_num_threads()} thread (the machine is shared with "
+        "other jobs)"
+    )
     lines = [
-        "# MLossMonitor overhead and m_loss cost",
+        "# MLossMonitor overhead and m_loss cost" + (" (toy size: a code-path check, not a figure)" if toy else ""),
         "",
+        (header_line(device, bandwidth) if bandwidth else f"Device: {device}") + "  ",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} thread; "
-        "times are this process's CPU time (the machine is shared with other jobs).",
+        f"Trainer: accelerator {trainer_hardware(device)['accelerator']}, precision {precision}; {times}.",
         "",
-        f"## Training-step overhead, default schedule (one measurement every {PERIOD} steps, 2 cached batches)",
+        f"## Training-step overhead, {'default schedule' if period == PERIOD else 'toy schedule'} "
+        f"(one measurement every {period} steps, 2 cached batches)",
         "",
-        f"Paired blocks of {PERIOD} steps in one fit, with (B) and without (A) a measurement at the block's end, "
+        f"Paired blocks of {period} steps in one fit, with (B) and without (A) a measurement at the block's end, "
         "in A B / B A order after a warm-up block (its measurement traces the layers and fills the forward "
         "cache); overhead = Σ B / Σ A − 1 + hooks / step.",
         "",
@@ -338,6 +398,15 @@ def render(overhead: list[Overhead], cost: list[Cost], command: str) -> str:
         "indirect effects (caches the measurement evicts) that the block comparison includes, and is "
         "not blurred by the machine's load.",
     ]
+    goal_case = next((o for o in overhead if o.case == GOAL_CASE), None)
+    if goal_case is not None:
+        goal = OVERHEAD_GOAL.get(kind)
+        goal_text = f"goal under {100 * goal:.0f}% on {kind}" if goal else f"goal under 5% on a GPU; none on {kind}"
+        figure = f"{100 * goal_case.overhead:.1f}%"
+        lines += ["", f"MLossMonitor overhead, digits default, {precision}: {figure} ({goal_text})."]
+    peaks = [(o.case, o.peak_mb) for o in overhead if o.peak_mb is not None]
+    if peaks:
+        lines += ["", "Peak CUDA memory per fit (MB): " + "; ".join(f"{c} {p:.0f}" for c, p in peaks) + "."]
     if cost:
         lines += [
             "",
@@ -362,13 +431,18 @@ def render(overhead: list[Overhead], cost: list[Cost], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every case's number of block pairs")
     parser.add_argument("--skip-cost", action="store_true", help="only the training-step overhead")
-    add_hardware_arguments(parser)
-    args = parser.parse_args()
-    hardware = {"accelerator": args.accelerator, "devices": args.devices}
+    parser.add_argument("--precision", default="32-true", help="the Trainers' precision: 32-true, bf16-mixed, ...")
+    add_device_arguments(parser)
+    parser.add_argument("--out", type=Path, default=None, help="results table (default benchmarks/results/...)")
+    args = parser.parse_args(argv)
+    global _now
+    device = args.device
+    hardware = trainer_hardware(device)
+    _now = clock(device, cpu_time=True)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -376,13 +450,44 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     command = ".venv/bin/python benchmarks/mloss_overhead.py" + (f" --scale {args.scale:g}" if args.scale != 1 else "")
     command += " --skip-cost" if args.skip_cost else ""
+    command += f" --device {device}" if device != "cpu" else ""
+    command += f" --precision {args.precision}" if args.precision != "32-true" else ""
+    command += " --toy" if args.toy else ""
+    bandwidth = copy_bandwidth(device, bandwidth_bytes(args.toy))
+    period = 2 if args.toy else PERIOD
     overhead = [
-        paired_blocks(case, make, max(1, round(pairs * args.scale)), hardware) for case, (make, pairs) in CASES.items()
+        paired_blocks(
+            case, make, 1 if args.toy else max(1, round(pairs * args.scale)), hardware, period, args.precision
+        )
+        for case, (make, pairs) in CASES.items()
     ]
-    cost = [] if args.skip_cost else mloss_cost()
-    table = render(overhead, cost, command)
+    cost = [] if args.skip_cost else mloss_cost(device, args.toy)
+    table = render(overhead, cost, command, device, bandwidth, args.precision, args.toy)
     print(table)
-    write_text_atomic(RESULTS, table)
+    suffix = "" if args.precision == "32-true" else f"_{args.precision}"
+    out = args.out or result_path("mloss_overhead", device, args.toy, "md", suffix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, table)
+    goal_case = next(o for o in overhead if o.case == GOAL_CASE)
+    result = environment(device, bandwidth, args.toy) | {
+        "benchmark": "mloss_overhead",
+        "precision": args.precision,
+        "period": period,
+        "cases": {
+            o.case: {
+                "overhead": o.overhead,
+                "direct": o.direct,
+                "step": o.step,
+                "pairs": len(o.pairs),
+                "peak_mb": o.peak_mb,
+            }
+            for o in overhead
+        },
+        "overhead": goal_case.overhead,
+        "overhead_goal": OVERHEAD_GOAL.get(device_type(device)),
+    }
+    write_figures(args.json or result_path("mloss_overhead", device, args.toy, "json", suffix), result)
+    return result
 
 
 if __name__ == "__main__":

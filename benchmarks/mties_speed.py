@@ -12,7 +12,8 @@ Methods, with the defaults of ``spec/mloss.md`` §1.5/§1.7:
   cycling), reference θ₀, targets every ``blocks.*.mlp.fc1``, per-tensor TIES at k elsewhere;
 - **Few-Layer M-TIES**: the same on blocks {8, 9, 10} only (§1.6).
 
-Phases (process CPU time, one torch thread unless ``--threads``):
+Phases (process CPU time, one torch thread unless ``--threads``; with ``--device cuda``
+wall-clock time after ``torch.cuda.synchronize``, and each method's peak CUDA memory):
 
 - *M-Loss statistics*: M-TIES's pass over the data (reference forwards with hooks, the K
   experts' fc1 on the hooked inputs, the gap, the node M-Loss, the row rates);
@@ -26,11 +27,17 @@ Phases (process CPU time, one torch thread unless ``--threads``):
 The statistics' floor is printed beside them: one plain forward of θ₀ over the distinct
 batches plus the K-expert fc1 GEMMs of every draw, the FLOPs M-TIES cannot avoid.
 
+The header gives the device, the torch version and the memory-bandwidth floor (the copy
+bandwidth and the time to read the K experts and θ₀ and write the merge once); the M-TIES /
+TIES ratio is printed next to its goal (at most 3x on a GPU).
+
 Usage::
 
-    .venv/bin/python benchmarks/mties_speed.py [--experts 4] [--batches 4] [--batch-size 16]
+    .venv/bin/python benchmarks/mties_speed.py [--experts 4] [--batches 4] [--batch-size 16] [--device cuda]
 
-Prints a table and writes ``benchmarks/results/mties_speed.md`` (atomically).
+Prints a table and writes ``benchmarks/results/mties_speed[_cuda].md`` (atomically) and the
+figures as JSON beside it (``--json``). ``--toy``: a 12-block ViT of width 32 on 32x32 images,
+K = 2, one repeat, written under ``benchmarks/results/toy/``.
 """
 
 from __future__ import annotations
@@ -47,6 +54,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import (  # benchmarks/ is on sys.path when run as a script; puts the root first
+    add_device_arguments,
+    bandwidth_bytes,
+    clock,
+    copy_bandwidth,
+    device_type,
+    environment,
+    header_line,
+    peak_memory_mb,
+    reset_peak_memory,
+    result_path,
+    write_figures,
+)
 
 import merging.methods.classic as classic
 import merging.methods.mties as mties
@@ -55,8 +75,13 @@ from merging.io import write_text_atomic
 from merging.methods import get_method
 from merging.mloss import find_activation_layers
 
-RESULTS = Path(__file__).resolve().parent / "results" / "mties_speed.md"
 FEW_LAYERS = [f"blocks.{i}.mlp.fc1" for i in (8, 9, 10)]
+MTIES_GOAL = {"cuda": 3.0}
+"""M-TIES time / TIES (global) time, the goal per device type (issue 20; the paper's GPU ratio)."""
+MTIES_RUN, TIES_RUN = "M-TIES (k=0.8, e=0.1, S=1, all fc1)", "TIES (global, k=0.2)"
+
+_now = time.process_time
+"""The clock of every phase: :func:`_common.clock` of the device (set in :func:`main`)."""
 
 
 @dataclass
@@ -71,11 +96,11 @@ class Phases:
 
 def _timed(fn: Callable[..., Any], phases: Phases, phase: str) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.process_time()
+        start = _now()
         try:
             return fn(*args, **kwargs)
         finally:
-            phases.add(phase, time.process_time() - start)
+            phases.add(phase, _now() - start)
 
     return wrapper
 
@@ -103,10 +128,10 @@ def timed_merge(method_name: str, hparams: dict[str, Any], experts, base, model,
         _patched(mties, "row_thresholds", _timed(mties.row_thresholds, phases, "row")),
     ):
         method.prepare = _timed(method.prepare, phases, "prepare")
-        start = time.process_time()
+        start = _now()
         kwargs = {"model": model, "data": data} if method.requires_data else {}
         method.merge(experts, base, **kwargs)
-        total = time.process_time() - start
+        total = _now() - start
     t = phases.times
     if method_name == "ties" and hparams.get("scope", "global") == "global":  # prepare = the global pass
         tensor, stats = t.get("prepare", 0.0), 0.0
@@ -122,10 +147,10 @@ def timed_merge(method_name: str, hparams: dict[str, Any], experts, base, model,
 def statistics_floor(model, base, batches, layers: list[str], experts: int) -> tuple[float, float]:
     """(plain forwards of θ₀ over the distinct batches, the K-expert GEMMs of every draw) in s."""
     with torch.no_grad():
-        start = time.process_time()
+        start = _now()
         for b in batches:
             torch.func.functional_call(model, base, (b,))
-        forwards = time.process_time() - start
+        forwards = _now() - start
         modules = dict(model.named_modules())
         captured: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
         handles = [
@@ -142,15 +167,28 @@ def statistics_floor(model, base, batches, layers: list[str], experts: int) -> t
             bias = base[f"{name}.bias"].repeat(experts)
             for i in range(draws):
                 x = captured[name][i % len(batches)]
-                start = time.process_time()
+                start = _now()
                 F.linear(x.reshape(-1, x.shape[-1]), weight, bias)
-                gemms += time.process_time() - start
+                gemms += _now() - start
     return forwards, gemms
 
 
-def main() -> None:
+def _ratio(a: float, b: float) -> float:
+    """a / b; inf where a toy run's time rounds to 0."""
+    return a / b if b > 0 else float("inf")
+
+
+def toy_model() -> torch.nn.Module:
+    """A 12-block ViT of width 32 on 32x32 images (blocks 8-10 exist for Few-Layer M-TIES)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=12, num_heads=2, num_classes=10)
+
+
+def main(argv: list[str] | None = None) -> dict:
     from timm import create_model
 
+    global _now
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_base_patch32_224", help="timm model name (pretrained=False)")
     parser.add_argument("--experts", type=int, default=4, help="K")
@@ -158,22 +196,29 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="runs per method (interleaved; the fastest is kept)")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    add_device_arguments(parser)
+    parser.add_argument("--out", type=Path, default=None, help="results table (default benchmarks/results/...)")
+    args = parser.parse_args(argv)
+    if args.toy:
+        args.model, args.experts, args.batches, args.batch_size, args.repeats = "toy ViT", 2, 2, 4, 1
     torch.set_num_threads(args.threads)
+    device = args.device
+    _now = clock(device, cpu_time=True)
+    bandwidth = copy_bandwidth(device, bandwidth_bytes(args.toy))
 
     torch.manual_seed(0)
-    model = create_model(args.model, pretrained=False).eval()
+    model = (toy_model() if args.toy else create_model(args.model, pretrained=False)).eval().to(device)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(1)
     experts = [
         {
-            k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+            k: v + 0.01 * torch.randn(v.shape, generator=g).to(device) if v.is_floating_point() else v.clone()
             for k, v in base.items()
         }
         for _ in range(args.experts)
     ]
-    size = model.default_cfg.get("input_size", (3, 224, 224))
-    data = [torch.randn(args.batch_size, *size, generator=g) for _ in range(args.batches)]
+    size = (3, 32, 32) if args.toy else model.default_cfg.get("input_size", (3, 224, 224))
+    data = [torch.randn(args.batch_size, *size, generator=g).to(device) for _ in range(args.batches)]
     params = sum(v.numel() for v in base.values() if v.is_floating_point())
     targets = list(find_activation_layers(model, data[0][:1]))
 
@@ -191,24 +236,40 @@ def main() -> None:
         "Few-Layer M-TIES (fc1 of blocks 8-10)": ("mties", {"layers": FEW_LAYERS}),
     }
     results: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    peaks: dict[str, float] = {}
     for _ in range(args.repeats):
         for name, (method, hparams) in runs.items():
+            reset_peak_memory(device)
             results[name].append(timed_merge(method, hparams, experts, base, model, data))
+            peak = peak_memory_mb(device)
+            if peak is not None:
+                peaks[name] = max(peaks.get(name, 0.0), peak)
     best = {name: min(rs, key=lambda r: r["total"]) for name, rs in results.items()}
     floor_all = statistics_floor(model, base, data, targets, args.experts)
     floor_few = statistics_floor(model, base, data, FEW_LAYERS, args.experts)
 
-    ties_total = best["TIES (global, k=0.2)"]["total"]
+    ties_total = best[TIES_RUN]["total"]
+    kind = device_type(device)
+    input_bytes = sum(v.numel() * v.element_size() for v in base.values()) * (args.experts + 2)
     command = (
         f".venv/bin/python benchmarks/mties_speed.py --model {args.model} --experts {args.experts} "
         f"--batches {args.batches} --batch-size {args.batch_size} --repeats {args.repeats} --threads {args.threads}"
+        f" --device {device}"
+    )
+    if args.toy:
+        command = f".venv/bin/python benchmarks/mties_speed.py --toy --device {device}"
+    clock_text = (
+        "wall-clock time after torch.cuda.synchronize"
+        if kind == "cuda"
+        else f"process CPU time ({platform.machine()}, {args.threads} thread(s))"
     )
     lines = [
-        "# M-TIES vs TIES: time per phase",
+        "# M-TIES vs TIES: time per phase" + (" (toy size: a code-path check, not a measurement)" if args.toy else ""),
         "",
+        header_line(device, bandwidth) + f"; reading the K experts and θ₀ and writing the merge once: "
+        f"{input_bytes / bandwidth * 1e3:.2f} ms  ",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()} CPU, torch {torch.__version__}, {args.threads} thread(s); process CPU time, "
-        f"fastest of {args.repeats} interleaved runs (the machine is shared with other jobs).",
+        f"Times: {clock_text}, fastest of {args.repeats} interleaved runs (the machine may be shared with other jobs).",
         "",
         f"Model: timm `{args.model}` (pretrained=False), {params / 1e6:.1f}M parameters, K = {args.experts} experts; "
         f"unlabeled pool: {args.batches} batches x {args.batch_size} random images {tuple(size)} "
@@ -222,8 +283,14 @@ def main() -> None:
     for name, r in best.items():
         lines.append(
             f"| {name} | {r['stats']:.2f} | {r['row']:.2f} | {r['tensor']:.2f} | {r['merge']:.2f} | {r['total']:.2f} "
-            f"| **{r['total'] / ties_total:.2f}x** |"
+            f"| **{_ratio(r['total'], ties_total):.2f}x** |"
         )
+    ratio = _ratio(best[MTIES_RUN]["total"], ties_total)
+    goal = MTIES_GOAL.get(kind)
+    goal_text = f"goal at most {goal:.0f}x on {kind}" if goal else f"goal at most 3x on a GPU; none on {kind}"
+    lines += ["", f"M-TIES / TIES (global): {ratio:.2f}x ({goal_text})."]
+    if peaks:
+        lines += ["", "Peak CUDA memory per method (MB): " + ", ".join(f"{n} {p:.0f}" for n, p in peaks.items()) + "."]
     lines += [
         "",
         "Floor of the M-Loss statistics (FLOPs M-TIES cannot avoid): plain forwards of θ₀ over the "
@@ -237,14 +304,26 @@ def main() -> None:
         ("fc1 of blocks 8-10", floor_few, "Few-Layer M-TIES (fc1 of blocks 8-10)"),
     ):
         stats_time = best[key]["stats"]
-        lines.append(f"| {label} | {fwd:.2f} | {gemm:.2f} | {fwd + gemm:.2f} | {stats_time / (fwd + gemm):.2f} |")
+        lines.append(f"| {label} | {fwd:.2f} | {gemm:.2f} | {fwd + gemm:.2f} | {_ratio(stats_time, fwd + gemm):.2f} |")
     all_runs = "; ".join(f"{name}: " + ", ".join(f"{r['total']:.2f}" for r in rs) for name, rs in results.items())
     lines += ["", f"All runs (total s): {all_runs}.", ""]
     spread = statistics.pstdev([r["total"] for r in results["TIES (global, k=0.2)"]])
     lines.append(f"TIES run-to-run spread (population sd): {spread:.2f} s.")
     table = "\n".join(lines) + "\n"
     print(table)
-    write_text_atomic(RESULTS, table)
+    out = args.out or result_path("mties_speed", device, args.toy, "md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, table)
+    result = environment(device, bandwidth, args.toy) | {
+        "benchmark": "mties_speed",
+        "model": args.model,
+        "experts": args.experts,
+        "runs": {name: r | {"peak_mb": peaks.get(name)} for name, r in best.items()},
+        "mties_over_ties": ratio,
+        "mties_goal": goal,
+    }
+    write_figures(args.json or result_path("mties_speed", device, args.toy, "json"), result)
+    return result
 
 
 if __name__ == "__main__":

@@ -13,7 +13,14 @@ glue them, minus the model loading. Each worker writes its merged state dict; a 
 subprocess counts the entries where ours and theirs differ.
 
 Measured per worker:
-    - time: best of ``--repeats`` merges, the inputs already in memory (loading excluded);
+    - cold: in a worker of its own, the first merge in a fresh process, import included:
+      importing the merge code (ours: ``merging.methods``; theirs: FusionBench's modules) and
+      building the method, then one merge (torch is imported and the inputs loaded before:
+      both sides need them). It runs with an empty numba cache (``NUMBA_CACHE_DIR`` a new
+      folder), as after a fresh install, so our TIES compiles its loops in that merge. The
+      goal (issue 20): ours at most 0.5x FusionBench's. The warm worker below runs with the
+      machine's numba cache, as before;
+    - time (warm): best of ``--repeats`` merges, the inputs already in memory (loading excluded);
     - peak: the high-water mark of resident memory during each merge less the resident
       memory after loading the inputs, largest over the repeats (the high-water mark is
       reset before each merge by writing 5 to ``/proc/self/clear_refs``, so the load's
@@ -53,9 +60,15 @@ torch 2.14.1, so both sides run the same PyPI build (``2.14.1+cu130``, as in ``.
 CPU. Importing FusionBench's merge functions imports the whole package (about 20 s, 1.1 GB
 resident), which the absolute peaks include and the timings do not.
 
+``--device cuda`` loads the inputs there and synchronises around every merge (peaks are then
+``torch.cuda.max_memory_allocated`` above the inputs). The header gives the device, the torch
+version and the memory-bandwidth floor (the copy bandwidth, measured in the inputs' process,
+and the time to read K experts and θ₀ and write the merge once).
+
 Run: ``make bench-peers`` or ``.venv/bin/python benchmarks/peers.py [--experts 3 8]
-[--repeats 3] [--threads 1] [--peer-python .venv-peers/bin/python] [--workdir DIR]``.
-Writes ``benchmarks/results/peers.md``.
+[--repeats 3] [--threads 1] [--peer-python .venv-peers/bin/python] [--workdir DIR] [--device cuda]``.
+Writes ``benchmarks/results/peers[_cuda].md`` and the figures as JSON beside it (``--json``).
+``--toy``: a ViT-shaped state dict of width 32 and one block, written under ``results/toy/``.
 """
 
 from __future__ import annotations
@@ -74,10 +87,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from merge_speed import block_shapes  # benchmarks/ is on sys.path when run as a script
+from _common import ROOT, add_device_arguments, result_path, rss_mb  # benchmarks/ is on sys.path as a script
+from merge_speed import block_shapes
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 
 DENSITY = 0.2
@@ -87,12 +99,22 @@ TA_SCALING = 0.3
 DROP_RATE = 0.9
 """DARE's drop probability p."""
 DARE_SEED = 0
+COLD_GOAL = 0.5
+"""Ours / FusionBench's cold first merge (import included), the goal (issue 20)."""
 
 OURS: dict[str, tuple[str, dict]] = {
     "ties": ("ties", {"density": DENSITY, "scaling": 1.0, "scope": "global"}),
     "task_arithmetic": ("task_arithmetic", {"scaling": TA_SCALING}),
-    "dare": ("dare", {"drop_rate": DROP_RATE, "seed": DARE_SEED, "combine": "task_arithmetic", "scaling": TA_SCALING,
-                      "rng": "torch"}),
+    "dare": (
+        "dare",
+        {
+            "drop_rate": DROP_RATE,
+            "seed": DARE_SEED,
+            "combine": "task_arithmetic",
+            "scaling": TA_SCALING,
+            "rng": "torch",
+        },
+    ),
 }
 """Our runs: label -> (registry name, hyperparameters)."""
 
@@ -123,19 +145,21 @@ def vit_shapes(width: int = 512, depth: int = 6, tokens: int = 197, classes: int
     return shapes
 
 
-def make_inputs(folder: Path, num_experts: int, seed: int) -> None:
-    """Write ``base.safetensors``, ``expert{j}.safetensors`` and ``meta.json`` to ``folder``.
+def make_inputs(folder: Path, num_experts: int, seed: int, device: str = "cpu", toy: bool = False) -> None:
+    """Write ``base.safetensors``, ``expert{j}.safetensors`` and ``meta.json`` to ``folder``;
+    the meta holds the device's copy bandwidth and header line.
 
     θ₀ ~ N(0, 0.02²) (norm weights 1 + N(0, 0.02²)); τ_j = 10⁻³ · (z₀ + z_j)/√2 with a
     component z₀ shared by all experts, as fine-tunes of one model partly agree in sign.
     """
     import torch
+    from _common import bandwidth_bytes, copy_bandwidth, environment, header_line
     from safetensors.torch import save_file
 
     from merging.methods.classic import entry_generator, keep_count
 
     generator = torch.Generator().manual_seed(seed)
-    shapes = vit_shapes()
+    shapes = vit_shapes(width=32, depth=1, tokens=5, classes=10) if toy else vit_shapes()
     base = {}
     for key, shape in shapes.items():
         value = torch.randn(shape, generator=generator) * 0.02
@@ -157,6 +181,8 @@ def make_inputs(folder: Path, num_experts: int, seed: int) -> None:
         "dare_seeds": {key: entry_generator(DARE_SEED, key).initial_seed() for key in shapes},
         "input_mb": params * 4 / 2**20,
     }
+    bandwidth = copy_bandwidth(device, bandwidth_bytes(toy))
+    meta |= {"header": header_line(device, bandwidth), "environment": environment(device, bandwidth, toy)}
     (folder / "meta.json").write_text(json.dumps(meta))
 
 
@@ -176,12 +202,6 @@ def kept_at_threshold(folder: Path, expert: int, keep: int) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------- workers
-
-
-def rss_mb() -> float:
-    """Resident memory of this process now, in MiB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def high_water_mb() -> float:
@@ -282,33 +302,58 @@ def theirs_merge(label: str, meta: dict) -> Callable:
     return dare
 
 
-def worker(side: str, label: str, folder: Path, num_experts: int, repeats: int, threads: int) -> None:
-    """Load the inputs, merge ``repeats`` times, write the figures and the last merge; then,
-    for FusionBench's runs with a variant (:data:`THEIRS`), merge once more with the variant
-    (not timed) and write that too. Files: ``{side}-{tag(label)}-{K}.json|.safetensors``."""
+def worker(
+    side: str,
+    label: str,
+    folder: Path,
+    num_experts: int,
+    repeats: int,
+    threads: int,
+    device: str = "cpu",
+    cold: bool = False,
+) -> None:
+    """Load the inputs, import the merge code and merge ``repeats`` times, write the figures
+    and the last merge; then, for FusionBench's runs with a variant (:data:`THEIRS`), merge
+    once more with the variant (not timed) and write that too. Files:
+    ``{side}-{tag(label)}-{K}.json|.safetensors``. With ``cold``: the import and one merge,
+    timed together, written to ``{side}-{tag(label)}-{K}-cold.json``."""
     import contextlib
     import io
 
     import torch
+    from _common import peak_memory_mb, reset_peak_memory, synchronize
     from safetensors.torch import load_file, save_file
 
     if threads > 0:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     meta = json.loads((folder / "meta.json").read_text())
-    merge = ours_merge(label) if side == "ours" else theirs_merge(label, meta)
+    cuda = torch.device(device).type == "cuda"
 
     def load(name: str) -> dict:
         # load_file maps the file lazily: copy into ordinary memory, as a model in memory is,
         # so that the resident memory after loading holds the inputs and the merges do not
         # page them in.
-        return {k: v.clone() for k, v in load_file(str(folder / name)).items()}
+        return {k: v.clone().to(device) for k, v in load_file(str(folder / name)).items()}
 
     base = load("base.safetensors")
     experts = [load(f"expert{j}.safetensors") for j in range(num_experts)]
     keys = list(base)
     gc.collect()
     loaded = rss_mb()
+    loaded_cuda = torch.cuda.memory_allocated(torch.device(device)) / 2**20 if cuda else 0.0
+    synchronize(device)
+    start = time.perf_counter()
+    merge = ours_merge(label) if side == "ours" else theirs_merge(label, meta)  # imports the merge code
+    import_seconds = time.perf_counter() - start
+    if cold:
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            merge(experts, base, keys)
+        synchronize(device)
+        cold_seconds = time.perf_counter() - start
+        figures = {"import_seconds": import_seconds, "cold_seconds": cold_seconds, "threads": threads}
+        (folder / f"{side}-{tag(label)}-{num_experts}-cold.json").write_text(json.dumps(figures))
+        return
     resettable = True
     times, peaks = [], []
     threads_after = set()
@@ -319,11 +364,17 @@ def worker(side: str, label: str, folder: Path, num_experts: int, repeats: int, 
             gc.collect()
             torch.set_num_threads(threads)  # every repeat under the same setting, whatever a merge did
             resettable = resettable and reset_high_water()
+            reset_peak_memory(device)
+            synchronize(device)
             start = time.perf_counter()
             merged = merge(experts, base, keys)
+            synchronize(device)
             times.append(time.perf_counter() - start)
-            high = high_water_mb() if resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            peaks.append(high - loaded)
+            if cuda:
+                peaks.append(peak_memory_mb(device) - loaded_cuda)
+            else:
+                high = high_water_mb() if resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                peaks.append(high - loaded)
             threads_after.add(torch.get_num_threads())
         absolute = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         outputs = {label: merged}
@@ -332,15 +383,18 @@ def worker(side: str, label: str, folder: Path, num_experts: int, repeats: int, 
             outputs[variant] = theirs_merge(variant, meta)(experts, base, keys)
     for name, state in outputs.items():
         path = folder / f"{side}-{tag(name)}-{num_experts}.safetensors"
-        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(path))
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path))
     figures = {
+        "import_seconds": import_seconds,
         "seconds": min(times),
         "times": times,
         "loaded_mb": loaded,
         "peak_mb": max(peaks),
         "peaks": peaks,
         "absolute_mb": absolute,
-        "peak_source": "VmHWM, reset before each merge" if resettable else "ru_maxrss",
+        "peak_source": "torch.cuda.max_memory_allocated, reset before each merge"
+        if cuda
+        else ("VmHWM, reset before each merge" if resettable else "ru_maxrss"),
         "threads": threads,
         "threads_after": sorted(threads_after - {threads}),
         "torch": torch.__version__,
@@ -384,9 +438,12 @@ def compare(folder: Path, num_experts: int, pairs: list[tuple[str, str]]) -> Non
 # ------------------------------------------------------------------------- orchestration
 
 
-def spawn(python: Path | str, *args: str) -> None:
-    """Run this script in a fresh interpreter; raise with its stderr's tail on failure."""
-    done = subprocess.run([str(python), __file__, *args], capture_output=True, text=True, cwd=ROOT)
+def spawn(python: Path | str, *args: str, env: dict[str, str] | None = None) -> None:
+    """Run this script in a fresh interpreter (``env`` added to this one's environment); raise
+    with its stderr's tail on failure."""
+    done = subprocess.run(
+        [str(python), __file__, *args], capture_output=True, text=True, cwd=ROOT, env=os.environ | (env or {})
+    )
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-15:])
         raise RuntimeError(f"{python} {__file__} {' '.join(args)} failed ({done.returncode}):\n{tail}")
@@ -418,6 +475,16 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b > 0 else "n/a"
 
 
+def cold_ratios(rows: list[dict]) -> dict[str, float]:
+    """Per timed method at the smallest K: ours / FusionBench's cold first merge."""
+    k = min(r["k"] for r in rows)
+    return {
+        r["label"]: r["ours"]["cold_seconds"] / r["theirs"]["cold_seconds"]
+        for r in rows
+        if r["k"] == k and r["theirs"] is not None
+    }
+
+
 def render(rows: list[dict], info: dict) -> str:
     """The results as Markdown: the side-by-side table, DARE's statistics, the target, notes."""
     dash = "–"
@@ -437,16 +504,25 @@ def render(rows: list[dict], info: dict) -> str:
         f"{info['load_after']} after: the machine is shared, so times are noisy (every repeat is listed "
         f"below). Total run {info['wall']:.0f} s.",
         "",
-        "| K | method | ours (s) | FB (s) | time ratio | ours peak (MB) | FB peak (MB) | peak ratio "
-        "| ours abs. (MB) | FB abs. (MB) | differing entries | max abs diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"{info.get('header', 'Device: cpu')}; reading K experts and θ₀ and writing the merge once takes "
+        + ", ".join(f"{floor * 1e3:.3g} ms (K={k})" for k, floor in info.get("floors", {}).items())
+        + ".",
+        "",
+        "Cold: the first merge in a fresh process, import of the merge code included (ours with an empty "
+        "numba cache, as after a fresh install); warm: the best of the repeats in that process.",
+        "",
+        "| K | method | ours cold (s) | FB cold (s) | cold ratio | ours warm (s) | FB warm (s) | warm ratio "
+        "| ours peak (MB) | FB peak (MB) | peak ratio | ours abs. (MB) | FB abs. (MB) | differing entries "
+        "| max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         o, t, c = r["ours"], r["theirs"], r["compare"]
         if t is None:  # a variant run once after the timed runs: compared, not measured
-            figures = " | ".join([dash] * 8)
+            figures = " | ".join([dash] * 11)
         else:
             figures = (
+                f"{o['cold_seconds']:.3f} | {t['cold_seconds']:.3f} | {ratio(o['cold_seconds'], t['cold_seconds'])} | "
                 f"{o['seconds']:.3f} | {t['seconds']:.3f} | {ratio(o['seconds'], t['seconds'])} "
                 f"| {o['peak_mb']:.0f} | {t['peak_mb']:.0f} | {ratio(o['peak_mb'], t['peak_mb'])} "
                 f"| {o['absolute_mb']:.0f} | {t['absolute_mb']:.0f}"
@@ -477,6 +553,13 @@ def render(rows: list[dict], info: dict) -> str:
             "",
             f"Target (issue 9): TIES (global, disjoint mean, density {DENSITY}) on 3 experts in at most half "
             f"FusionBench's time and peak memory: time ratio {tr:.2f}, peak ratio {pr:.2f}: {verdict}.",
+        ]
+    for label, r in cold_ratios(rows).items():
+        verdict = "met" if r <= COLD_GOAL else "NOT met"
+        lines += [
+            "",
+            f"Goal (issue 20): the first {label} merge in a new process, import included, on K={min(info['experts'])} "
+            f"experts at most {COLD_GOAL}x FusionBench's: {r:.2f}x: {verdict}.",
         ]
     extra = sum(fb - ours for ours, fb in info["kept_at_threshold"][: max(r["k"] for r in rows)])
     lines += [
@@ -536,9 +619,60 @@ def render(rows: list[dict], info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def figures_json(rows: list[dict], info: dict) -> dict:
+    """The run's figures for the goal summary."""
+    return info["environment"] | {
+        "benchmark": "peers",
+        "experts": info["experts"],
+        "rows": rows,
+        "cold_ratios": cold_ratios(rows),
+        "cold_goal": COLD_GOAL,
+        "peer": info["peer"],
+    }
+
+
+def report(rows: list[dict], info: dict, out: Path, json_path: Path) -> dict:
+    """Render the table, write it and the figures (both atomically); returns the figures."""
+    from _common import write_figures
+
+    from merging.io import write_text_atomic
+
+    table = render(rows, info)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, table)
+    result = figures_json(rows, info)
+    write_figures(json_path, result)
+    print(table)
+    print(f"written to {out} and {json_path}")
+    return result
+
+
+def info_from(meta: dict, rows: list[dict], args: argparse.Namespace, peer: dict, extra: dict) -> dict:
+    """What :func:`render` needs besides the rows."""
+    sources = {r[side]["peak_source"] for r in rows for side in ("ours", "theirs") if r[side] is not None}
+    bandwidth = meta["environment"]["bandwidth"]
+    return extra | {
+        "params": meta["params"],
+        "keep": meta["keep"],
+        "kept_at_threshold": meta["kept_at_threshold"],
+        "input_mb": meta["input_mb"],
+        "header": meta["header"],
+        "environment": meta["environment"],
+        "floors": {k: 4 * meta["params"] * (k + 2) / bandwidth for k in args.experts},
+        "experts": args.experts,
+        "repeats": args.repeats,
+        "peer": peer,
+        "ours_torch": rows[0]["ours"]["torch"],
+        "python": platform.python_version(),
+        "threads": rows[0]["ours"]["threads"],
+        "cpus": os.cpu_count(),
+        "peak_source": ", ".join(sorted(sources)),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, nargs="+", default=[3, 8], help="values of K")
+    parser.add_argument("--experts", type=int, nargs="+", default=None, help="values of K (default 3 8; 2 with --toy)")
     parser.add_argument("--repeats", type=int, default=3, help="merges per measurement (the best is kept)")
     parser.add_argument(
         "--threads",
@@ -549,43 +683,65 @@ def main() -> None:
     parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON, help="python of the FusionBench venv")
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the scratch folder (default: temp)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs")
+    add_device_arguments(parser)
+    parser.add_argument("--out", type=Path, default=None, help="results table (default benchmarks/results/...)")
     parser.add_argument("--make-inputs", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=3, metavar=("SIDE", "LABEL", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--compare", type=Path, metavar="DIR", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.experts = args.experts or ([2] if args.toy else [3, 8])
 
     if args.make_inputs:
-        sys.path.insert(0, str(ROOT))
-        make_inputs(args.make_inputs, max(args.experts), args.seed)
-        return
+        make_inputs(args.make_inputs, max(args.experts), args.seed, args.device, args.toy)
+        return None
     if args.worker:
         side, label, folder = args.worker
-        if side == "ours":
-            sys.path.insert(0, str(ROOT))
-        worker(side, label, Path(folder), args.experts[0], args.repeats, args.threads)
-        return
+        worker(side, label, Path(folder), args.experts[0], args.repeats, args.threads, args.device, args.cold)
+        return None
     if args.compare:
         pairs = [(label, label) for label in THEIRS] + [(label, v) for label, v in THEIRS.items() if v is not None]
         compare(args.compare, args.experts[0], pairs)
-        return
+        return None
 
     peer = check_peer(args.peer_python)
     start = time.perf_counter()
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    common = ["--repeats", str(args.repeats), "--threads", str(args.threads)]
+    common = ["--repeats", str(args.repeats), "--threads", str(args.threads), "--device", args.device]
     rows = []
     with tempfile.TemporaryDirectory(prefix="peers-", dir=args.workdir) as tmp:
         folder = Path(tmp)
         experts = [str(k) for k in args.experts]
-        spawn(sys.executable, "--make-inputs", str(folder), "--experts", *experts, "--seed", str(args.seed))
+        toy = ["--toy"] if args.toy else []
+        spawn(
+            sys.executable,
+            "--make-inputs",
+            str(folder),
+            "--experts",
+            *experts,
+            "--seed",
+            str(args.seed),
+            "--device",
+            args.device,
+            *toy,
+        )
         meta = json.loads((folder / "meta.json").read_text())
         for k in args.experts:
             figures: dict[tuple[str, str], dict] = {}
             for side, python, labels in (("ours", sys.executable, OURS), ("theirs", args.peer_python, THEIRS)):
                 for label in labels:
-                    spawn(python, "--worker", side, label, str(folder), "--experts", str(k), *common)
+                    run = [python, "--worker", side, label, str(folder), "--experts", str(k), *common]
+                    # Cold: an empty numba cache, so its merge is the first after a fresh install.
+                    with tempfile.TemporaryDirectory(prefix="numba-cache-", dir=args.workdir) as cache:
+                        spawn(*run, "--cold", env={"NUMBA_CACHE_DIR": cache})
+                    spawn(*run)
                     figures[side, label] = json.loads((folder / f"{side}-{tag(label)}-{k}.json").read_text())
-                    print(f"K={k} {side} {label}: best {figures[side, label]['seconds']:.3f} s", flush=True)
+                    figures[side, label] |= json.loads((folder / f"{side}-{tag(label)}-{k}-cold.json").read_text())
+                    print(
+                        f"K={k} {side} {label}: cold {figures[side, label]['cold_seconds']:.3f} s, "
+                        f"warm {figures[side, label]['seconds']:.3f} s",
+                        flush=True,
+                    )
             spawn(sys.executable, "--compare", str(folder), "--experts", str(k))
             compared = json.loads((folder / f"compare-{k}.json").read_text())
             for f in folder.glob(f"*-{k}.safetensors"):
@@ -595,31 +751,15 @@ def main() -> None:
                 rows.append({"k": k, "label": label, "ours": mine, "theirs": theirs, "compare": compared[label]})
                 if variant is not None:
                     rows.append({"k": k, "label": variant, "ours": mine, "theirs": None, "compare": compared[variant]})
-    sources = {r[side]["peak_source"] for r in rows for side in ("ours", "theirs") if r[side] is not None}
-    info = {
-        "params": meta["params"],
-        "keep": meta["keep"],
-        "kept_at_threshold": meta["kept_at_threshold"],
-        "input_mb": meta["input_mb"],
-        "repeats": args.repeats,
-        "peer": peer,
-        "ours_torch": rows[0]["ours"]["torch"],
-        "python": platform.python_version(),
-        "threads": rows[0]["ours"]["threads"],
-        "cpus": os.cpu_count(),
+    extra = {
         "load_before": load_before,
         "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         "wall": time.perf_counter() - start,
-        "peak_source": ", ".join(sorted(sources)),
         "command": "make bench-peers" if not sys.argv[1:] else "benchmarks/peers.py " + " ".join(sys.argv[1:]),
     }
-    table = render(rows, info)
-    sys.path.insert(0, str(ROOT))
-    from merging.io import write_text_atomic
-
-    write_text_atomic(RESULTS / "peers.md", table)
-    print(table)
-    print(f"written to {RESULTS / 'peers.md'}")
+    info = info_from(meta, rows, args, peer, extra)
+    out = args.out or result_path("peers", args.device, args.toy, "md")
+    return report(rows, info, out, args.json or result_path("peers", args.device, args.toy, "json"))
 
 
 if __name__ == "__main__":

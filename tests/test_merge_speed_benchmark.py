@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_speed.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "merge_speed.py"
 
 
 @pytest.fixture(scope="module")
 def merge_speed():
+    if str(BENCHMARKS) not in sys.path:  # its shared helpers, benchmarks/_common.py
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location("merge_speed_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -24,8 +28,14 @@ def merge_speed():
 
 def test_toy_run_prints_device_floor_and_dare_goal(merge_speed, tmp_path, capsys):
     out = tmp_path / "merge_speed.md"
-    merge_speed.main(["--device", "cpu", "--toy", "--out", str(out)])
+    result = merge_speed.main(["--device", "cpu", "--toy", "--out", str(out), "--json", str(tmp_path / "f.json")])
     text = out.read_text()
+    assert json.loads((tmp_path / "f.json").read_text()) == json.loads(json.dumps(result))
+    assert result["toy"] and result["device_type"] == "cpu" and result["dare_goal"] == 3.0
+    assert result["dare_over_average"] == pytest.approx(
+        result["methods"]["dare (task arithmetic)"]["seconds"] / result["methods"]["average"]["seconds"]
+    )
+    assert "Time / floor: average" in text
     assert text in capsys.readouterr().out
     assert f"torch {torch.__version__}" in text and "on cpu" in text
     assert "Bandwidth floor" in text and "time / floor" in text
