@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 Mode = Literal["align", "zip"]
@@ -391,6 +390,10 @@ def _group_pair_scores(block: Tensor, groups: int) -> tuple[Tensor, Tensor]:
 
 def _assign(block: Tensor) -> Tensor:
     """Column matched to each row by a maximum-similarity linear assignment (square block)."""
+    # Imported here: scipy.optimize takes ~0.3 s to import, which every `import merging.methods`
+    # (a process's first merge of any method) would otherwise pay.
+    from scipy.optimize import linear_sum_assignment
+
     _, col = linear_sum_assignment(block.detach().cpu().double().numpy(), maximize=True)
     return torch.as_tensor(col, dtype=torch.long)
 

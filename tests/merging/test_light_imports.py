@@ -1,5 +1,6 @@
 """Merging from files stays light: the merge path imports neither torchmetrics (torchvision)
-nor Lightning, and numba only when a merge runs the fused kernels."""
+nor Lightning, numba only when a merge runs the fused kernels, and scipy.optimize only when a
+matching is solved."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 def test_merge_path_imports_no_heavy_modules():
     code = (
         "import sys, merging.streaming, merging.methods\n"
-        "heavy = [m for m in ('torchmetrics', 'torchvision', 'lightning', 'numba') if m in sys.modules]\n"
+        "heavy = [m for m in ('torchmetrics', 'torchvision', 'lightning', 'numba', 'scipy.optimize') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
         "from merging.mloss.metric import MLoss\n"  # the one M-Loss module that imports torchmetrics
         "print(MLoss.__module__)\n"
