@@ -1,11 +1,47 @@
 """The numba-compiled loops behind :mod:`merging.methods._kernels` (imported on first use,
 so that importing the library does not load LLVM). This module imports nothing from the
-project: the wrappers read :data:`BLOCK` from here."""
+project: the wrappers read :data:`BLOCK` from here.
+
+The compiled loops are cached on disk (a few seconds of compilation, once): numba writes
+the cache beside this file when its folder is writable, else in the user's cache folder
+(``~/.cache/numba``), or in ``NUMBA_CACHE_DIR`` when set. Where none is writable (a
+read-only site-packages with a read-only or absent home: containers with a read-only root
+filesystem, some cluster images), numba refuses ``cache=True`` with a ``RuntimeError``;
+the loops are then compiled without a cache, in every process, with one warning that names
+``NUMBA_CACHE_DIR``.
+"""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from numba import njit, prange
+
+_OPTIONS = {"parallel": True, "nogil": True, "boundscheck": False}
+_uncached: list[str] = []
+"""Loops compiled without a disk cache (no writable cache folder was found for them)."""
+
+
+def _kernel(fn):
+    """``njit(parallel=True, cache=True, nogil=True, boundscheck=False)``, or the same
+    without a disk cache where numba finds no writable folder for one."""
+    try:
+        return njit(cache=True, **_OPTIONS)(fn)
+    except RuntimeError as err:
+        if "no locator available" not in str(err):
+            raise
+    if not _uncached:
+        warnings.warn(
+            f"merging: numba finds no writable folder for its cache of the fused TIES/DARE kernels "
+            f"(not beside {__file__}, not in the user cache folder), so they are compiled in every "
+            f"process (a few seconds on the first large CPU merge). Set NUMBA_CACHE_DIR to a "
+            f"writable folder to compile them once.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    _uncached.append(fn.__name__)
+    return njit(cache=False, **_OPTIONS)(fn)
 
 BLOCK = 4096
 """Entries of one key handled by one parallel task."""
@@ -14,7 +50,7 @@ _MINI = 16
 """Sub-block of the threshold scan: only sub-blocks holding a bracket member are compacted."""
 
 
-@njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+@_kernel
 def _scan_kernel(experts, b, lo, hi, above, counts, members):
     """Per block of BLOCK entries and expert j: count |τ_j| > hi_j into ``above[j, blk]``,
     count lo_j ≤ |τ_j| ≤ hi_j into ``counts[j, blk]`` and store the first
@@ -51,7 +87,7 @@ def _scan_kernel(experts, b, lo, hi, above, counts, members):
             counts[j, blk] = n_inside
 
 
-@njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+@_kernel
 def _ties_kernel(experts, b, thresholds, scaling, out):
     """``out = b + scaling · disjoint_mean(elect(trim(τ)))`` with the four sums of
     :func:`merging.methods.ties.ties_disjoint_merge` (total, mass, kept count, sign
@@ -114,7 +150,7 @@ def _uniform32(i, lo, hi):
     return _mix32(x ^ ((hi + (i >> _S32)) & _MASK32))
 
 
-@njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+@_kernel
 def _dare_kernel(experts, b, lo, hi, threshold, rescale, scaling, out):
     """``out = b + scaling · rescale · Σ_j keep_j · (e_j − b)`` with expert j's entry i kept
     when ``_uniform32(i, lo[j], hi[j]) >= threshold`` (probability 1 − threshold / 2³²),
@@ -138,7 +174,7 @@ def _dare_kernel(experts, b, lo, hi, threshold, rescale, scaling, out):
             out[s0 + i] = b[s0 + i] + scaling * (rescale * total[i])
 
 
-@njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+@_kernel
 def _dare_masks_kernel(n, lo, hi, threshold, keep):
     """``keep[j, i] = _uniform32(i, lo[j], hi[j]) >= threshold``: the masks
     :func:`_dare_kernel` draws, for tests and for callers that need them."""
