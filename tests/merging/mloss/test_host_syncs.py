@@ -9,10 +9,13 @@ import torch
 from torch import nn
 
 from merging._opcount import OpCounter
-from merging.mloss import MLossStatistics, centred_gap, mloss_report
+from merging.mloss import MLossMeter, MLossStatistics, centred_gap, mloss_report, weighted_average
 from merging.mloss import gap as gap_module
-from merging.mloss.gap import _centred_gap_
+from merging.mloss import states as states_module
+from merging.mloss.gap import _anchored, _centred_gap_
+from merging.mloss.meter import _load_probes
 from merging.mloss.metric import MLoss
+from merging.mloss.states import foreach_weighted_average
 
 
 def _stats(num_layers: int, seed: int = 0) -> dict[str, MLossStatistics]:
@@ -27,6 +30,20 @@ def _stats(num_layers: int, seed: int = 0) -> dict[str, MLossStatistics]:
         )
         for i in range(num_layers)
     }
+
+
+def _deep(depth: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(6, 6), act()]
+    return nn.Sequential(*layers, nn.Linear(6, 3))
+
+
+def _experts(model: nn.Module, k: int, seed: int = 1) -> tuple[dict, list[dict]]:
+    g = torch.Generator().manual_seed(seed)
+    base = {n: v.clone() for n, v in model.state_dict().items()}
+    return base, [{n: v + 0.1 * torch.randn(v.shape, generator=g) for n, v in base.items()} for _ in range(k)]
 
 
 # ------------------------------------------------------------------------- the report
@@ -123,3 +140,68 @@ def test_the_gap_off_the_cpu_masks_without_reading_the_host(monkeypatch):
     monkeypatch.setattr(gap_module, "_host_reads_are_free", lambda t: False)
     gap, _ = centred_gap(identical.transpose(0, 1), torch.tensor([0.5, 0.5]), nn.SiLU())
     assert torch.count_nonzero(gap) == 0
+
+
+# ------------------------------------------------------------------------- the meter
+
+
+@pytest.mark.parametrize("num_experts", [1, 2, 3])
+def test_foreach_weighted_average_equals_weighted_average(monkeypatch, num_experts):
+    g = torch.Generator().manual_seed(0)
+    first = {
+        "w": torch.randn(5, 4, generator=g),
+        "half": torch.randn(6, generator=g).to(torch.bfloat16),
+        "steps": torch.tensor(3),
+        "b": torch.randn(4, generator=g),
+    }
+    experts = [first] + [
+        {
+            k: (v + torch.randn(v.shape, generator=g).to(v.dtype)) if v.is_floating_point() else v + 1
+            for k, v in first.items()
+        }
+        for _ in range(num_experts - 1)
+    ]
+    alpha = torch.full((num_experts,), 1.0 / num_experts, dtype=torch.float64)
+    want = weighted_average(experts, alpha)
+    for group in (1 << 24, 6):  # one group; groups of at most 6 elements (an entry alone when larger)
+        monkeypatch.setattr(states_module, "FOREACH_GROUP_ELEMENTS", group)
+        got = foreach_weighted_average(experts, alpha.tolist())
+        assert list(got) == list(want)
+        for key, value in want.items():
+            assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+
+
+def test_meter_set_experts_and_probe_loading_do_not_grow_with_the_number_of_layers():
+    average, loading = {}, {}
+    for depth in (2, 8):
+        model = _deep(depth)
+        base, experts = _experts(model, 3)
+        meter = MLossMeter(model, experts, torch.randn(4, 6), base=base)
+        with OpCounter() as count:
+            meter.set_experts(experts, base, check_values=False)
+        average[depth] = count.kernel_total
+        probes = list(meter._probes.values())
+        with OpCounter() as count:
+            _load_probes(probes, experts, [1 / 3] * 3)
+        loading[depth] = count.kernel_total
+        for p in probes:  # [W_1, W_2 − W_1, W_3 − W_1], as the per-layer form stacks them
+            want = _anchored(torch.stack([e[f"{p.name}.weight"] for e in experts]))
+            assert torch.equal(p.weight, want)
+            assert torch.equal(p.bias, _anchored(torch.stack([e[f"{p.name}.bias"] for e in experts])))
+    assert average[2] == average[8] == 4  # 2(K − 1) multi-tensor operations
+    assert loading[2] == loading[8] == 5  # 2K − 1
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.GELU])
+def test_a_meter_measurement_reads_nothing_to_the_host_off_the_cpu(monkeypatch, act):
+    monkeypatch.setattr(gap_module, "_host_reads_are_free", lambda t: False)  # as on a GPU
+    for depth in (2, 8):
+        model = _deep(depth, act)
+        base, experts = _experts(model, 2)
+        batch = torch.randn(4, 6)
+        meter = MLossMeter(model, experts, batch, base=base, cache_forwards=True)
+        meter.measure(batch)
+        with OpCounter() as count:
+            meter.set_experts(experts, base, check_values=False)
+            meter.measure(batch)
+        assert count.sync_total == 0, count.summary()
