@@ -13,7 +13,14 @@
    next on a shared machine, far more than the effect measured here; adjacent blocks of
    one fit differ less. The *direct* overhead beside it is the time spent inside the
    monitor's hooks in a measuring block over the block's time: exact accounting, blind only
-   to indirect effects such as the caches a measurement evicts. Cases:
+   to indirect effects such as the caches a measurement evicts. After the timed blocks one
+   more block of N steps counts, without timing, what the monitor's hooks dispatch
+   (:class:`merging._opcount.OpCounter`, operators on the fit's device only): the kernels and
+   host-device syncs of one measurement (its logging included) and of an average step that
+   does not measure; on a GPU also the syncs CUDA itself reports
+   (``torch.cuda.set_sync_debug_mode("warn")``), which include host-to-device copies. These
+   counts, not the CPU's timing, are what a GPU pays per launch (a few µs each) and per sync
+   (the host waits for the queue to drain). Cases:
 
    - **the digits default**: ``MultiExpertModule`` (SmallCNN width 16, K = 4 experts, one
      per task) on ``DigitsTasks(batch_size=32)``, as ``merging/experiments/demo.py`` fine-tunes it;
@@ -51,8 +58,9 @@ import logging
 import statistics
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +85,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from merging._opcount import OpCounter
 from merging.callbacks import MLossMonitor
 from merging.callbacks.mloss_monitor import DEFAULT_EVERY_N_TRAIN_STEPS
 from merging.io import write_text_atomic
@@ -104,15 +113,81 @@ class StepClock(Callback):
         self.at[trainer.global_step] = _now()
 
 
+class DeviceOpCounter(OpCounter):
+    """:class:`OpCounter` of the operators that touch a tensor on ``device_type`` (all of them
+    on the CPU): on a GPU run the host-side work (CPU tensors the monitor logs) is left out."""
+
+    def __init__(self, device_type: str = "cpu") -> None:
+        super().__init__()
+        self.device_type = device_type
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.device_type != "cpu" and not _on_device((args, kwargs or {}), self.device_type):
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def _on_device(value: Any, device_type: str) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.device.type == device_type
+    if isinstance(value, torch.device):
+        return value.type == device_type
+    if isinstance(value, (list, tuple)):
+        return any(_on_device(v, device_type) for v in value)
+    if isinstance(value, dict):
+        return any(_on_device(v, device_type) for v in value.values())
+    return False
+
+
+@contextmanager
+def cuda_sync_warnings(device_type: str) -> Iterator[list]:
+    """The syncs CUDA reports inside the block (``torch.cuda.set_sync_debug_mode("warn")``:
+    ``.item()``, host reads, host-to-device copies from pageable memory, ...): the list of
+    warnings, empty on other devices."""
+    if device_type != "cuda":
+        yield []
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield caught
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    caught[:] = [w for w in caught if "synchroniz" in str(w.message)]
+
+
+@dataclass
+class HookCounts:
+    """Kernels and syncs the monitor's hooks dispatched in the counting block."""
+
+    measure_kernels: int = 0
+    measure_syncs: int = 0
+    measure_ops: str = ""  # OpCounter.summary of the measurement
+    other_kernels: int = 0  # summed over the steps that do not measure
+    other_syncs: int = 0
+    other_steps: int = 0
+    measure_cuda_syncs: int | None = None  # what CUDA reports (None off CUDA)
+    other_cuda_syncs: int | None = None
+    logged: int = 0  # values one measurement logs
+
+
 class BlockMonitor(MLossMonitor):
     """MLossMonitor (default settings) that measures at the end of the given blocks of
-    ``period`` steps only, and times its own hooks."""
+    ``period`` steps only, times its own hooks, and counts them in block ``count_block``."""
 
-    def __init__(self, measured: set[int], period: int = PERIOD) -> None:
+    def __init__(self, measured: set[int], period: int = PERIOD, count_block: int = -1, device_type: str = "cpu"):
         super().__init__(heatmap_filename=None)
-        self.measured = measured
+        self.measured = measured | {count_block}
         self.period = period
         self.hook_time: dict[int, float] = {}
+        self.count_block = count_block
+        self.device_type = device_type
+        self.counts = HookCounts(
+            measure_cuda_syncs=0 if device_type == "cuda" else None,
+            other_cuda_syncs=0 if device_type == "cuda" else None,
+        )
 
     def should_measure(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         if step_idx is None:
@@ -120,16 +195,52 @@ class BlockMonitor(MLossMonitor):
         step = step_idx + 1
         return step % self.period == 0 and step // self.period - 1 in self.measured
 
+    def _counting(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) is in the counting block."""
+        return (step - 1) // self.period == self.count_block
+
+    def _count(self, step: int, hook: Callable[[], None]) -> None:
+        """Run one hook of step ``step`` under the counters, charged to the measurement if
+        the step measures, else to the other steps."""
+        with DeviceOpCounter(self.device_type) as ops, cuda_sync_warnings(self.device_type) as cuda:
+            hook()
+        c = self.counts
+        if self.should_measure(step_idx=step - 1):
+            c.measure_kernels += ops.kernel_total
+            c.measure_syncs += ops.sync_total
+            c.measure_ops = ops.summary(6) if ops.kernel_total else c.measure_ops
+            if c.measure_cuda_syncs is not None:
+                c.measure_cuda_syncs += len(cuda)
+        else:
+            c.other_kernels += ops.kernel_total
+            c.other_syncs += ops.sync_total
+            if c.other_cuda_syncs is not None:
+                c.other_cuda_syncs += len(cuda)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step + 1
+        if self._counting(step):
+            parent = super().on_train_batch_start
+            self._count(step, lambda: parent(trainer, pl_module, batch, batch_idx))
+            return
         start = _now()
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self.hook_time[trainer.global_step + 1] = _now() - start
+        self.hook_time[step] = _now() - start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self._counting(step):
+            self.counts.other_steps += 0 if self.should_measure(step_idx=step - 1) else 1
+            parent = super().on_train_batch_end
+            self._count(step, lambda: parent(trainer, pl_module, outputs, batch, batch_idx))
+            return
         start = _now()
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        step = trainer.global_step
         self.hook_time[step] = self.hook_time.get(step, 0.0) + _now() - start
+
+    def _log(self, pl_module, report, *, on_epoch: bool) -> None:
+        self.counts.logged = len(report.scalars(self.log_prefix))
+        super()._log(pl_module, report, on_epoch=on_epoch)
 
 
 class CNNClassifier(LightningModule):
@@ -187,6 +298,7 @@ class Overhead:
     pairs: list[float]  # per pair: time(B) / time(A) − 1
     period: int = PERIOD  # steps per block
     peak_mb: float | None = None  # peak CUDA memory of the fit (None on the CPU)
+    counts: HookCounts = field(default_factory=HookCounts)  # the counting block's
 
     @property
     def overhead(self) -> float:
@@ -206,22 +318,23 @@ def paired_blocks(
     period: int = PERIOD,
     precision: str = "32-true",
 ) -> Overhead:
-    """One fit of (1 + 2·pairs)·period steps, measuring in block 0 and in the B blocks."""
+    """One fit of (2 + 2·pairs)·period steps, measuring in block 0, in the B blocks and in the
+    last block, whose hooks are counted (:class:`HookCounts`) instead of timed."""
     order = []  # (A block, B block) per pair, in the order A B, B A, A B, ...
     for r in range(pairs):
         first, second = 1 + 2 * r, 2 + 2 * r
         order.append((first, second) if r % 2 == 0 else (second, first))
     seed_everything(0, verbose=False)
     model, data = make()
-    monitor = BlockMonitor({0} | {b for _, b in order}, period)
-    clock = StepClock()
     hardware = hardware or {"accelerator": "cpu"}
     device = f"cuda:{hardware['devices'][0]}" if hardware["accelerator"] == "gpu" else "cpu"
+    monitor = BlockMonitor({0} | {b for _, b in order}, period, 1 + 2 * pairs, device_type(device))
+    clock = StepClock()
     reset_peak_memory(device)
     trainer = Trainer(
         **hardware,
         precision=precision,
-        max_steps=(1 + 2 * pairs) * period,
+        max_steps=(2 + 2 * pairs) * period,
         limit_val_batches=0,
         callbacks=[monitor, clock],
         logger=False,
@@ -252,6 +365,7 @@ def paired_blocks(
         pairs=[block[b] / block[a] - 1 for a, b in order],
         period=period,
         peak_mb=peak_memory_mb(device),
+        counts=monitor.counts,
     )
 
 
@@ -398,6 +512,37 @@ def render(
         "indirect effects (caches the measurement evicts) that the block comparison includes, and is "
         "not blurred by the machine's load.",
     ]
+    cuda = kind == "cuda"
+    lines += [
+        "",
+        f"### What the monitor's hooks dispatch (one more block of {period} steps, counted, not timed)",
+        "",
+        "Kernels: operators on the fit's device that run a kernel (on a GPU each is at least one launch); "
+        "syncs: operators that make the host wait for the device (`merging._opcount.OpCounter`)"
+        + (
+            "; CUDA syncs: what `torch.cuda.set_sync_debug_mode` reports, host-to-device copies included."
+            if cuda
+            else "; a CPU run cannot see host-to-device copies, which a GPU run adds to the CUDA column."
+        ),
+        "",
+        "| case | logged values | kernels per measurement | syncs per measurement "
+        + ("| CUDA syncs per measurement " if cuda else "")
+        + "| kernels per other step | syncs per other step "
+        + ("| CUDA syncs per other step " if cuda else "")
+        + "| the measurement's kernels by operator |",
+        "|---|---|---|---|---|---|" + ("---|---|" if cuda else "") + "---|",
+    ]
+    for o in overhead:
+        c = o.counts
+        steps = max(c.other_steps, 1)
+        cells = [o.case, str(c.logged), str(c.measure_kernels), str(c.measure_syncs)]
+        if cuda:
+            cells.append(str(c.measure_cuda_syncs))
+        cells += [f"{c.other_kernels / steps:.2f}", f"{c.other_syncs / steps:.2f}"]
+        if cuda:
+            cells.append(f"{(c.other_cuda_syncs or 0) / steps:.2f}")
+        cells.append(c.measure_ops or "–")
+        lines.append("| " + " | ".join(cells) + " |")
     goal_case = next((o for o in overhead if o.case == GOAL_CASE), None)
     if goal_case is not None:
         goal = OVERHEAD_GOAL.get(kind)
@@ -480,6 +625,16 @@ def main(argv: list[str] | None = None) -> dict:
                 "step": o.step,
                 "pairs": len(o.pairs),
                 "peak_mb": o.peak_mb,
+                "kernels_per_measurement": o.counts.measure_kernels,
+                "syncs_per_measurement": o.counts.measure_syncs,
+                "cuda_syncs_per_measurement": o.counts.measure_cuda_syncs,
+                "kernels_per_other_step": o.counts.other_kernels / max(o.counts.other_steps, 1),
+                "syncs_per_other_step": o.counts.other_syncs / max(o.counts.other_steps, 1),
+                "cuda_syncs_per_other_step": None
+                if o.counts.other_cuda_syncs is None
+                else o.counts.other_cuda_syncs / max(o.counts.other_steps, 1),
+                "logged_values": o.counts.logged,
+                "measurement_ops": o.counts.measure_ops,
             }
             for o in overhead
         },

@@ -87,6 +87,12 @@ def test_mloss_toy_overhead_and_goal(toy_run):
     assert figures["overhead"] == figures["cases"][case]["overhead"]
     text = (results / "mloss_overhead.md").read_text()
     assert "toy schedule (one measurement every 2 steps" in text
+    # the counting block: what a measurement and the other steps dispatch
+    counted = figures["cases"][case]
+    assert counted["kernels_per_measurement"] > 0 and counted["syncs_per_measurement"] >= 1
+    assert counted["kernels_per_other_step"] == counted["syncs_per_other_step"] == 0
+    assert counted["cuda_syncs_per_measurement"] is None and counted["logged_values"] > 0
+    assert "kernels per measurement" in text
     assert "goal under 5% on a GPU; none on cpu" in text and "accelerator cpu, precision 32-true" in text
 
 

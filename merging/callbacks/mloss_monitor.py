@@ -46,7 +46,8 @@ DEFAULT_EVERY_N_TRAIN_STEPS = 100
 θ₀'s forward, and a snapshot's or peer's, are replayed from the cache after the first
 measurement) plus K GEMMs of each measured layer and the gap's element-wise work: 3-4 % of
 the training step time on the digits default (``MultiExpertModule``, K = 4), and under 5 %
-for a single SmallCNN and for BoringModel (``benchmarks/results/mloss_overhead.md``)."""
+for a single SmallCNN and for BoringModel (``benchmarks/results/mloss_overhead.md``, which
+also counts a measurement's kernels and its one host-device sync)."""
 
 
 class MLossMonitor(Callback):
@@ -79,6 +80,13 @@ class MLossMonitor(Callback):
     DDP run logs the M-Loss of all ranks' inputs together (identical on every rank). A
     measurement runs in ``no_grad`` and eval mode, restores every module's train/eval flag
     and the RNG states, and never changes the weights.
+
+    Cost on a GPU: a measurement reads its values to the host once (one host-device sync,
+    whatever the number of layers) and logs them, after a step, as CPU tensors (so
+    ``trainer.callback_metrics`` holds them on the CPU, and neither Lightning nor the loggers
+    copy them between host and device); at an epoch end, where Lightning reduces them across
+    ranks, they are logged on the module's device. A step that does not measure runs no
+    tensor operation at all (after the first ``num_batches`` steps, which cache the inputs).
 
     The fit's last step is always measured and logged: if the schedule did not measure it, the
     last epoch's end does (logged with ``on_epoch=True``), when the fit ends there by
@@ -561,9 +569,21 @@ class MLossMonitor(Callback):
         return report
 
     def _log(self, pl_module: LightningModule, report: MLossReport, *, on_epoch: bool) -> None:
+        """Log the report's values, already on the host (read once by the metric).
+
+        After a step they are logged as CPU tensors: Lightning would copy each Python float to
+        the module's device (on a GPU a host-device sync per value) and its loggers read them
+        back (another per value, at every logging step until the epoch ends). At an epoch end
+        Lightning reduces them across ranks (``sync_dist``), which needs them on the module's
+        device: one copy of all the values together.
+        """
+        scalars = report.scalars(self.log_prefix)
+        device = pl_module.device if on_epoch else torch.device("cpu")
+        dtype = torch.get_default_dtype() if torch.get_default_dtype() == torch.float64 else torch.float32
+        values = torch.tensor(list(scalars.values()), dtype=dtype, device=device)  # Lightning's dtype for floats
         # The values are already reduced over ranks by the MLoss metric; syncing again at
         # epoch level only averages identical values (and keeps Lightning from warning).
-        for key, value in report.scalars(self.log_prefix).items():
+        for key, value in zip(scalars, values.unbind()):
             pl_module.log(key, value, on_step=not on_epoch, on_epoch=on_epoch, sync_dist=on_epoch, batch_size=1)
 
 

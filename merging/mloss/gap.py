@@ -131,6 +131,11 @@ def _conv_function(layer: nn.Module) -> Callable[..., Tensor]:
     raise ValueError(f"M-Loss measures nn.Linear and nn.Conv1d/2d/3d layers, not {type(layer).__name__}")
 
 
+def _host_reads_are_free(t: Tensor) -> bool:
+    """Whether reading ``t``'s values on the host costs no host-device sync (a CPU tensor)."""
+    return t.device.type == "cpu"
+
+
 def _is_piecewise_linear(act: Activation) -> bool:
     return isinstance(act, PIECEWISE_LINEAR_ACTIVATIONS) or any(act is f for f in (F.relu, torch.relu))
 
@@ -180,11 +185,14 @@ def _centred_gap_(z: Tensor, alpha: Sequence[float], act: Activation) -> tuple[T
         merged_pre.add_(z[:, j], alpha=alpha[j])
     # Where δ_j = 0, σ(z_1 + δ_j) must equal σ(z_1) bitwise; a σ that is not piecewise
     # linear may round equal inputs differently in different positions, so those entries
-    # are masked (found before an in-place σ overwrites z). Experts that differ everywhere,
-    # the usual case, skip the masks after one counting pass.
+    # are masked (found before an in-place σ overwrites z). On the CPU, experts that differ
+    # everywhere, the usual case, skip the masks after one counting pass; on another device
+    # reading that count would make the host wait for the device (a sync per layer and
+    # batch), so the masks are always applied there: where no δ_j is 0 they change nothing.
     agree = None
-    if not _is_piecewise_linear(act) and int(torch.count_nonzero(deltas)) < deltas.numel():
-        agree = deltas == 0
+    if not _is_piecewise_linear(act):
+        if not _host_reads_are_free(deltas) or int(torch.count_nonzero(deltas)) < deltas.numel():
+            agree = deltas == 0
     merged_is_anchor = None if agree is None else agree.all(dim=1)
     deltas += anchor.unsqueeze(1)  # z_j = z_1 + δ_j
     out = act(z)
@@ -382,19 +390,42 @@ class MLossReport:
 
 
 def mloss_report(statistics: Mapping[str, MLossStatistics]) -> MLossReport:
-    """Turn summed statistics into M-Loss values (layers without samples are left out)."""
-    node: dict[str, Tensor] = {}
-    layer: dict[str, float] = {}
-    normalized: dict[str, float] = {}
-    samples: dict[str, int] = {}
-    for name, s in statistics.items():
-        if s.samples == 0:
-            continue
-        node[name] = s.node_sum / s.positions
-        layer[name] = float(s.norm_sum) / s.samples
-        normalized[name] = float(s.normalized_sum) / s.samples
-        samples[name] = s.samples
-    return MLossReport(node=node, layer=layer, layer_normalized=normalized, samples=samples)
+    """Turn summed statistics into M-Loss values (layers without samples are left out).
+
+    The layers' sums are read to the host together (one device sync, whatever the number of
+    layers); the node values stay on the statistics' device.
+    """
+    kept = {name: s for name, s in statistics.items() if s.samples != 0}
+    sums = [t for s in kept.values() for t in (s.norm_sum, s.normalized_sum)]
+    host = torch.stack([t.reshape(()) for t in sums]).tolist() if sums else []
+    return _report(
+        list(kept),
+        [s.node_sum for s in kept.values()],
+        [s.positions for s in kept.values()],
+        [s.samples for s in kept.values()],
+        host[0::2],
+        host[1::2],
+    )
+
+
+def _report(
+    names: Sequence[str],
+    node_sums: Sequence[Tensor],
+    positions: Sequence[int],
+    samples: Sequence[int],
+    norm_sums: Sequence[float],
+    normalized_sums: Sequence[float],
+) -> MLossReport:
+    """The report of layers with samples, from their node sums (on the device) and their
+    counts and sums already read to the host: no device sync; the node means are one
+    ``foreach`` division."""
+    node = torch._foreach_div(list(node_sums), list(positions)) if names else []
+    return MLossReport(
+        node=dict(zip(names, node)),
+        layer={name: total / n for name, total, n in zip(names, norm_sums, samples)},
+        layer_normalized={name: total / n for name, total, n in zip(names, normalized_sums, samples)},
+        samples=dict(zip(names, samples)),
+    )
 
 
 def node_group_map(node: Mapping[str, Tensor], groups: int = 32) -> tuple[list[str], Tensor]:
@@ -413,8 +444,10 @@ def node_group_map(node: Mapping[str, Tensor], groups: int = 32) -> tuple[list[s
     if groups < 1:
         raise ValueError(f"node_group_map: groups must be >= 1, got {groups}")
     rows = []
-    for values in node.values():
-        v = values.detach().to(device="cpu", dtype=torch.float64).flatten()
+    # One copy of every layer's nodes to the host, not one per layer.
+    flat = torch.cat([v.detach().flatten() for v in node.values()]) if node else torch.empty(0)
+    host = flat.to(device="cpu", dtype=torch.float64).split([v.numel() for v in node.values()])
+    for v in host:
         if v.numel() >= groups:
             rows.append(torch.stack([chunk.mean() for chunk in torch.tensor_split(v, groups)]))
         else:

@@ -24,7 +24,10 @@ Cost: per batch, one forward of the reference model carries the hooks; at each m
 layer the K experts' layer runs as one batched GEMM/conv on the hooked input (about K of
 the layer's own forward passes), and a forward stops as soon as every measured layer has
 been seen when the output is not needed. Layers only: about K + 1 forwards of the measured
-layers plus one forward of the rest of the model.
+layers plus one forward of the rest of the model. After new weights (:meth:`MLossMeter.set_experts`)
+the measured layers' stacked weights and the average model are built by a handful of
+multi-tensor (``foreach``) operations for all layers together, and a measurement reads
+nothing back to the host on a GPU: its statistics stay on the device.
 
 **Forward cache** (``cache_forwards``, as the monitor uses it): per batch object, the
 probed layers' inputs and the outputs of the forwards a measurement ran, keyed by the
@@ -54,7 +57,7 @@ from merging.mloss.gap import (
     _per_sample,
     mloss_report,
 )
-from merging.mloss.states import check_state_keys, merge_weights, partial_merge, weighted_average
+from merging.mloss.states import check_state_keys, foreach_weighted_average, merge_weights, partial_merge
 from merging.mloss.tracing import (
     _eval_mode,
     _forward,
@@ -86,16 +89,6 @@ class _LayerProbe:
         self.statistics: MLossStatistics | None = None
         self.seen = 0
 
-    def load(self, experts: Sequence[Mapping[str, Tensor]], alpha: Tensor) -> None:
-        """Stack [W_1, W_2 − W_1, ...] (and b) once; one batched GEMM/conv then gives every z_j."""
-        first = experts[0][f"{self.name}.weight"]
-        dtype = accumulation_dtype(first.dtype)
-        self.weight = _anchored(torch.stack([e[f"{self.name}.weight"] for e in experts]).to(dtype))
-        bias_key = f"{self.name}.bias"
-        has_bias = self.module.bias is not None and bias_key in experts[0]
-        self.bias = _anchored(torch.stack([e[bias_key] for e in experts]).to(dtype)) if has_bias else None
-        self.alpha = alpha.tolist()
-
     def release(self) -> None:
         self.weight = self.bias = None
 
@@ -107,6 +100,33 @@ class _LayerProbe:
         stats = MLossStatistics.from_gap(gap, merged, channels_first=channels_first)
         self.statistics = stats if self.statistics is None else self.statistics + stats
         self.seen += 1
+
+
+def _load_probes(probes: Sequence[_LayerProbe], experts: Sequence[Mapping[str, Tensor]], alpha: list[float]) -> None:
+    """Stack every probe's [W_1, W_2 − W_1, ..., W_K − W_1] (and b) in the accumulation dtype,
+    so that one batched GEMM/conv then gives every z_j: 2K − 1 multi-tensor (``foreach``)
+    operations for all the layers together, not a few kernels per layer."""
+    num = len(experts)
+    targets: list[list[Tensor]] = [[] for _ in range(num)]
+    sources: list[list[Tensor]] = [[] for _ in range(num)]
+    for probe in probes:
+        bias_key = f"{probe.name}.bias"
+        has_bias = probe.module.bias is not None and bias_key in experts[0]
+        stacks = []
+        for key in (f"{probe.name}.weight", bias_key) if has_bias else (f"{probe.name}.weight",):
+            first = experts[0][key]
+            stack = torch.empty((num, *first.shape), dtype=accumulation_dtype(first.dtype), device=first.device)
+            stacks.append(stack)
+            for j in range(num):
+                targets[j].append(stack[j])
+                sources[j].append(experts[j][key])
+        probe.weight = stacks[0]
+        probe.bias = stacks[1] if has_bias else None
+        probe.alpha = alpha
+    for j in range(num):
+        torch._foreach_copy_(targets[j], sources[j])
+        if j:
+            torch._foreach_sub_(targets[j], targets[0])
 
 
 def _run_probes(
@@ -271,6 +291,10 @@ class MLossMeter:
         self._cache: dict[int, tuple[Any, dict[tuple, _Forward]]] = {}
         self._num_experts = len(experts)
         self._alpha = merge_weights(weights, max(len(experts), 1))
+        self._alpha_values: list[float] = self._alpha.tolist()  # read once (a CPU tensor)
+        # α_2..α_K on the outputs' device and dtype, copied there once (a blocking copy per
+        # measurement would make the host wait for the device).
+        self._alpha_rest: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self.set_experts(experts, base, merged=merged, check_values=check_values)
         trace = _trace(model, self._experts[0], self._args(example), activation_types)
         modules = dict(model.named_modules())
@@ -339,7 +363,7 @@ class MLossMeter:
         needs_average = (
             self.output or self.reference == "average" or (self.reference == "incremental" and merged is None)
         )
-        self._average = weighted_average(experts, self._alpha) if needs_average else None
+        self._average = foreach_weighted_average(experts, self._alpha_values) if needs_average else None
         for probe in getattr(self, "_probes", {}).values():
             probe.release()
 
@@ -375,8 +399,9 @@ class MLossMeter:
             measure_output = OUTPUT in layers
         for p in probes:
             p.statistics = None
-            if p.weight is None:
-                p.load(self._experts, self._alpha)
+        unloaded = [p for p in probes if p.weight is None]
+        if unloaded:
+            _load_probes(unloaded, self._experts, self._alpha_values)
         ref = self.reference if reference is None else reference
         if isinstance(ref, Mapping):
             plan = [(ref, probes)]
@@ -456,7 +481,9 @@ class MLossMeter:
         outs = [_output_view(known[j]) for j in range(len(self._experts))]
         dtype = accumulation_dtype(outs[0].dtype)
         stacked = _anchored(torch.stack(outs).to(dtype))
-        rest = self._alpha[1:].to(device=stacked.device, dtype=dtype)
+        rest = self._alpha_rest.get((stacked.device, dtype))
+        if rest is None:
+            rest = self._alpha_rest[(stacked.device, dtype)] = self._alpha[1:].to(device=stacked.device, dtype=dtype)
         ensembled = stacked[0] + torch.tensordot(rest, stacked[1:], dims=1)
         merged = _output_view(merged_out).to(dtype)
         return MLossStatistics.from_gap(merged - ensembled, merged)

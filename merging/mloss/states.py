@@ -7,17 +7,31 @@ The merged model is the affine combination θ̄ = Σ_j α_j θ_j (Σ_j α_j = 1)
 hooks each layer's input on the partially merged model (entries before the layer merged,
 the rest θ₀), the authors' code on θ₀. Every state dict is checked to be keyed like the
 model it is evaluated on, naming the offending key. The state algebra itself (θ̄ and the
-partial merge) is :func:`merging.state.weighted_average` and :func:`merging.state.partial_merge`.
+partial merge) is :func:`merging.state.weighted_average` and :func:`merging.state.partial_merge`;
+:func:`foreach_weighted_average` computes the same θ̄ with a handful of multi-tensor operations
+(the meter's average model at every measurement of a monitor).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from merging.state import StateDictError, key_mismatch, partial_merge, weighted_average
+from merging.state import (
+    StateDict,
+    StateDictError,
+    accumulation_dtype,
+    is_mergeable,
+    key_mismatch,
+    partial_merge,
+    weighted_average,
+)
+
+FOREACH_GROUP_ELEMENTS = 1 << 24
+"""Entries averaged together by :func:`foreach_weighted_average`: their differences (16M
+elements, 64 MB in fp32) are held at once."""
 
 
 def merge_weights(weights: Sequence[float] | Tensor | None, num_experts: int) -> Tensor:
@@ -42,6 +56,53 @@ def merge_weights(weights: Sequence[float] | Tensor | None, num_experts: int) ->
     return alpha
 
 
+def foreach_weighted_average(experts: Sequence[Mapping[str, Tensor]], alpha: Sequence[float]) -> StateDict:
+    """θ̄ = θ_1 + Σ_{j≥2} α_j (θ_j − θ_1), as :func:`merging.state.weighted_average` computes it
+    (the same anchored operations, in the accumulation dtype, non-float entries from θ_1), in
+    multi-tensor (``foreach``) form: 2(K − 1) operations per group of entries instead of about
+    three kernels per entry, which on a GPU is the difference between a handful of launches
+    and hundreds. The M-Loss meter builds its average model with it at every measurement.
+
+    Args:
+        experts: θ_1..θ_K.
+        alpha: α as Python floats (no host read of a tensor).
+    """
+    first = experts[0]
+    out: StateDict = dict(first)
+    if len(experts) == 1:
+        return out
+    keys = [key for key, value in first.items() if is_mergeable(value)]
+    for group in _groups(keys, first):
+        anchor = [first[key].to(accumulation_dtype(first[key].dtype)) for key in group]
+        total: list[Tensor] | None = None
+        for a, expert in zip(alpha[1:], experts[1:]):
+            others = [expert[key].to(accumulation_dtype(expert[key].dtype)) for key in group]
+            difference = torch._foreach_sub(others, anchor)
+            if total is None:
+                total = torch._foreach_add(anchor, difference, alpha=a)
+            else:
+                torch._foreach_add_(total, difference, alpha=a)
+        for key, value in zip(group, total):
+            out[key] = value.to(first[key].dtype)
+    return out
+
+
+def _groups(keys: Sequence[str], state: Mapping[str, Tensor]) -> Iterator[list[str]]:
+    """``keys`` in order, cut into groups of at most :data:`FOREACH_GROUP_ELEMENTS` elements
+    (a larger entry alone)."""
+    group: list[str] = []
+    size = 0
+    for key in keys:
+        numel = state[key].numel()
+        if group and size + numel > FOREACH_GROUP_ELEMENTS:
+            yield group
+            group, size = [], 0
+        group.append(key)
+        size += numel
+    if group:
+        yield group
+
+
 def check_state_keys(model: nn.Module, state: Mapping[str, Tensor], owner: str) -> None:
     """Check that ``state`` has exactly ``model.state_dict()``'s keys and shapes.
 
@@ -60,4 +121,4 @@ def check_state_keys(model: nn.Module, state: Mapping[str, Tensor], owner: str) 
             )
 
 
-__all__ = ["check_state_keys", "merge_weights", "partial_merge", "weighted_average"]
+__all__ = ["check_state_keys", "foreach_weighted_average", "merge_weights", "partial_merge", "weighted_average"]

@@ -4,7 +4,9 @@ models that stay fixed during the fit)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 from functools import partial
 
 import pytest
@@ -17,6 +19,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from merging._opcount import OpCounter
 from merging.callbacks import MLossMonitor
 from merging.callbacks.mloss_monitor import DEFAULT_EVERY_N_TRAIN_STEPS
 from merging.io import save_state_dict
@@ -383,3 +386,143 @@ def test_the_frozen_base_is_evaluated_once_per_cached_batch(tmp_path):
     per_measurement = 3 + 1  # the K experts' outputs and the average's
     assert plain.skeleton_forwards == 3 * 2 * (per_measurement + 1) + 1  # + trace
     assert cached.skeleton_forwards == 3 * 2 * per_measurement + 2 + 1
+
+
+# ------------------------------------------------------------- host syncs and kernels
+class _Deep(LightningModule):
+    """``depth`` × (Linear -> σ), then a Linear head, on (x, y) batches of 8 features."""
+
+    def __init__(self, depth: int, act: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(8, 8), act()]
+        self.net = nn.Sequential(*layers, nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class _CountingMonitor(MLossMonitor):
+    """Counts what its batch hooks dispatch: ``counts[(step, measured)]`` per hook call."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(heatmap_filename=None, **kwargs)
+        self.counts: list[tuple[int, bool, OpCounter]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with OpCounter() as count:
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self.counts.append((trainer.global_step + 1, False, count))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        measured = len(self._history)
+        with OpCounter() as count:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.counts.append((trainer.global_step, len(self._history) > measured, count))
+
+
+def test_a_measurement_reads_the_device_once_whatever_the_number_of_layers(tmp_path):
+    for depth in (2, 8):
+        seed_everything(0)
+        monitor = _CountingMonitor(every_n_train_steps=3, num_batches=2)
+        _trainer(tmp_path, [monitor], max_steps=9).fit(_Deep(depth), _loader())
+        measurements = [count for _, measured, count in monitor.counts if measured]
+        assert len(measurements) == 3
+        for count in measurements:  # the metric's one read (was 4 per layer, plus per-key reads of α)
+            assert count.sync_total == 1 and count.syncs["Tensor.tolist"] == 1, count.summary()
+        assert len(monitor.history[-1]) == 2 + 2 * (depth + 1) + 1
+
+
+def test_steps_that_do_not_measure_dispatch_nothing(tmp_path):
+    seed_everything(0)
+    monitor = _CountingMonitor(every_n_train_steps=4, num_batches=2)
+    _trainer(tmp_path, [monitor], max_steps=12).fit(_Deep(3, nn.GELU), _loader())
+    quiet = [count for step, measured, count in monitor.counts if not measured and step > 2]
+    assert len(quiet) == 2 * (12 - 2) - 3  # both hooks of steps 3..12 but the 3 measuring ends
+    assert all(count.total == 0 for count in quiet)  # not an operator, so neither a kernel nor a sync
+
+
+class _LogSpy(_Net):
+    """Records the values the monitor logs: (name, value, on_epoch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[str, object, bool]] = []
+
+    def log(self, name, value, *args, **kwargs):
+        if name.startswith("mloss/"):
+            self.logged.append((name, value, kwargs["on_epoch"]))
+        super().log(name, value, *args, **kwargs)
+
+
+def test_values_are_logged_as_host_tensors_after_a_step_and_on_the_device_at_an_epoch_end(tmp_path):
+    # A Python float would be copied to the module's device by Lightning (a sync on a GPU)
+    # and read back by the loggers at every logging step: after a step the monitor logs CPU
+    # tensors; at an epoch end (reduced across ranks) tensors on the module's device.
+    seed_everything(0)
+    module = _LogSpy()
+    monitor = MLossMonitor(every_n_train_steps=3, heatmap_filename=None)
+    trainer = _trainer(tmp_path, [monitor], max_epochs=1)  # 8 steps: measured at 3, 6 and the epoch end
+    trainer.fit(module, _loader())
+    after_steps = [(n, v) for n, v, on_epoch in module.logged if not on_epoch]
+    at_epoch_end = [(n, v) for n, v, on_epoch in module.logged if on_epoch]
+    assert len(after_steps) == 2 * 5 and len(at_epoch_end) == 5
+    assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for _, v in after_steps)
+    assert all(isinstance(v, torch.Tensor) and v.device == module.device for _, v in at_epoch_end)
+    last = monitor.history[-1]
+    assert {n: float(v) for n, v in at_epoch_end} == pytest.approx({n: last[n] for n, _ in at_epoch_end}, rel=1e-6)
+    assert float(trainer.callback_metrics["mloss/mean"]) == pytest.approx(last["mloss/mean"], rel=1e-6)
+
+
+class _SyncCheckingMonitor(MLossMonitor):
+    """On a GPU: raises on any host-device sync in the hooks of a step that does not measure
+    (``torch.cuda.set_sync_debug_mode("error")``) and counts those of each measurement."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(heatmap_filename=None, **kwargs)
+        self.measurement_syncs: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with _sync_debug("error" if self._cache_closed else "default"):
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if not (self._cache_closed and self.should_measure(step_idx=step - 1)):
+            with _sync_debug("error" if self._cache_closed else "default"):
+                super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        with warnings.catch_warnings(record=True) as caught, _sync_debug("warn"):
+            warnings.simplefilter("always")
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.measurement_syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+
+
+@contextlib.contextmanager
+def _sync_debug(mode: str):
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", [nn.ReLU, nn.GELU])
+def test_gpu_fit_syncs_only_to_read_each_measurement(tmp_path, act):
+    seed_everything(0)
+    monitor = _SyncCheckingMonitor(every_n_train_steps=3, num_batches=2)
+    trainer = _trainer(tmp_path, [monitor], max_steps=9, accelerator="gpu", devices=1)
+    trainer.fit(_Deep(4, act), _loader())
+    assert len(monitor.measurement_syncs) == 3
+    # The first measurement also moves the metric and α to the GPU; later ones read it once.
+    assert monitor.measurement_syncs[1:] == [1, 1], monitor.measurement_syncs
