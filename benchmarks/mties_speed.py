@@ -27,6 +27,15 @@ wall-clock time after ``torch.cuda.synchronize``, and each method's peak CUDA me
 The statistics' floor is printed beside them: one plain forward of θ₀ over the distinct
 batches plus the K-expert fc1 GEMMs of every draw, the FLOPs M-TIES cannot avoid.
 
+Kernels and host syncs per merge, the GPU's fixed costs, are counted on whatever device
+runs the benchmark (:class:`merging._opcount.OpCounter`: each kernel is at least one launch
+on a GPU, a few µs whatever its size; each sync drains the device queue) on the **GPU code
+path**: TIES's fused numba kernels (CPU float32 only) disabled
+(:func:`merging.methods._kernels.disabled`), M-TIES's row selections over whole weights
+instead of the CPU's cache-sized blocks (``mties.SELECTION_BLOCK``). One extra merge per
+method, not timed; in all and for M-TIES's two phases of its own (the statistics with the
+rates, the row thresholds), with the syncs by operator.
+
 The header gives the device, the torch version and the memory-bandwidth floor (the copy
 bandwidth and the time to read the K experts and θ₀ and write the merge once); the M-TIES /
 TIES ratio is printed next to its goal (at most 3x on a GPU).
@@ -71,8 +80,9 @@ from _common import (  # benchmarks/ is on sys.path when run as a script; puts t
 import merging.methods.classic as classic
 import merging.methods.mties as mties
 import merging.methods.ties as ties
+from merging._opcount import OpCounter
 from merging.io import write_text_atomic
-from merging.methods import get_method
+from merging.methods import _kernels, get_method
 from merging.mloss import find_activation_layers
 
 FEW_LAYERS = [f"blocks.{i}.mlp.fc1" for i in (8, 9, 10)]
@@ -142,6 +152,46 @@ def timed_merge(method_name: str, hparams: dict[str, Any], experts, base, model,
     row = t.get("row", 0.0)
     merge = total - stats - tensor - row
     return {"stats": stats, "row": row, "tensor": tensor, "merge": merge, "total": total}
+
+
+def counted_merge(method_name: str, hparams: dict[str, Any], experts, base, model, data) -> dict[str, Any]:
+    """One merge on the GPU code path under :class:`OpCounter`: kernels and syncs in all, of
+    M-TIES's statistics and rates (``prepare``) and of its row thresholds, syncs by operator."""
+    method = get_method(method_name, **hparams)
+    phases = {"stats": OpCounter(), "row": OpCounter()}  # accumulators
+
+    def counted(fn: Callable[..., Any], phase: str) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            count = OpCounter()
+            try:
+                with count:
+                    return fn(*args, **kwargs)
+            finally:
+                phases[phase].kernels.update(count.kernels)
+                phases[phase].syncs.update(count.syncs)
+
+        return wrapper
+
+    total = OpCounter()
+    with (
+        _kernels.disabled(),
+        _patched(mties, "SELECTION_BLOCK", {}),
+        _patched(mties, "row_thresholds", counted(mties.row_thresholds, "row")),
+    ):
+        if method.requires_data:
+            method.prepare = counted(method.prepare, "stats")
+        kwargs = {"model": model, "data": data} if method.requires_data else {}
+        with total:
+            method.merge(experts, base, **kwargs)
+    return {
+        "kernels": total.kernel_total,
+        "syncs": total.sync_total,
+        "sync_ops": {k.removeprefix("aten."): n for k, n in total.syncs.most_common()},
+        "stats_kernels": phases["stats"].kernel_total,
+        "stats_syncs": phases["stats"].sync_total,
+        "row_kernels": phases["row"].kernel_total,
+        "row_syncs": phases["row"].sync_total,
+    }
 
 
 def statistics_floor(model, base, batches, layers: list[str], experts: int) -> tuple[float, float]:
@@ -245,6 +295,9 @@ def main(argv: list[str] | None = None) -> dict:
             if peak is not None:
                 peaks[name] = max(peaks.get(name, 0.0), peak)
     best = {name: min(rs, key=lambda r: r["total"]) for name, rs in results.items()}
+    counts = {
+        name: counted_merge(method, hparams, experts, base, model, data) for name, (method, hparams) in runs.items()
+    }
     floor_all = statistics_floor(model, base, data, targets, args.experts)
     floor_few = statistics_floor(model, base, data, FEW_LAYERS, args.experts)
 
@@ -286,9 +339,29 @@ def main(argv: list[str] | None = None) -> dict:
             f"| **{_ratio(r['total'], ties_total):.2f}x** |"
         )
     ratio = _ratio(best[MTIES_RUN]["total"], ties_total)
+    kernel_ratio = _ratio(counts[MTIES_RUN]["kernels"], counts[TIES_RUN]["kernels"])
+    sync_ratio = _ratio(counts[MTIES_RUN]["syncs"], counts[TIES_RUN]["syncs"])
     goal = MTIES_GOAL.get(kind)
     goal_text = f"goal at most {goal:.0f}x on {kind}" if goal else f"goal at most 3x on a GPU; none on {kind}"
-    lines += ["", f"M-TIES / TIES (global): {ratio:.2f}x ({goal_text})."]
+    lines += [
+        "",
+        f"M-TIES / TIES (global): {ratio:.2f}x time ({goal_text}); {kernel_ratio:.2f}x kernels "
+        f"({counts[MTIES_RUN]['kernels']} / {counts[TIES_RUN]['kernels']}) and {sync_ratio:.2f}x host syncs "
+        f"({counts[MTIES_RUN]['syncs']} / {counts[TIES_RUN]['syncs']}) per merge on the GPU code path.",
+        "",
+        "Kernels and host syncs per merge, GPU code path (TIES's numba kernels disabled, M-TIES's row "
+        "selections over whole weights), counted with `merging._opcount.OpCounter` on this device:",
+        "",
+        "| method | kernels | syncs | M-Loss statistics + rates: kernels / syncs | row thresholds: kernels / syncs "
+        "| syncs by operator |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, c in counts.items():
+        mine = runs[name][0] == "mties"
+        stats_text = f"{c['stats_kernels']} / {c['stats_syncs']}" if mine else "–"
+        row_text = f"{c['row_kernels']} / {c['row_syncs']}" if mine else "–"
+        ops = ", ".join(f"{op} {n}" for op, n in c["sync_ops"].items()) or "none"
+        lines.append(f"| {name} | {c['kernels']} | {c['syncs']} | {stats_text} | {row_text} | {ops} |")
     if peaks:
         lines += ["", "Peak CUDA memory per method (MB): " + ", ".join(f"{n} {p:.0f}" for n, p in peaks.items()) + "."]
     lines += [
@@ -318,8 +391,10 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "mties_speed",
         "model": args.model,
         "experts": args.experts,
-        "runs": {name: r | {"peak_mb": peaks.get(name)} for name, r in best.items()},
+        "runs": {name: r | {"peak_mb": peaks.get(name)} | counts[name] for name, r in best.items()},
         "mties_over_ties": ratio,
+        "mties_over_ties_kernels": kernel_ratio,
+        "mties_over_ties_syncs": sync_ratio,
         "mties_goal": goal,
     }
     write_figures(args.json or result_path("mties_speed", device, args.toy, "json"), result)

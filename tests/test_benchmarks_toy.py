@@ -77,6 +77,11 @@ def test_mties_toy_ratio_and_goal(toy_run):
     assert figures["mties_over_ties"] == pytest.approx(mties["total"] / ties["total"])
     assert figures["mties_goal"] is None  # the goal is set on a GPU only
     assert "goal at most 3x on a GPU; none on cpu" in (results / "mties_speed.md").read_text()
+    # kernels and syncs per merge on the GPU code path, beside the time ratio
+    assert figures["mties_over_ties_kernels"] == pytest.approx(mties["kernels"] / ties["kernels"])
+    assert figures["mties_over_ties_syncs"] == pytest.approx(mties["syncs"] / ties["syncs"])
+    assert mties["row_syncs"] == 0 and mties["row_kernels"] > 0 and ties["row_kernels"] == 0
+    assert "Kernels and host syncs per merge, GPU code path" in (results / "mties_speed.md").read_text()
 
 
 def test_mloss_toy_overhead_and_goal(toy_run):

@@ -47,9 +47,13 @@ Cost: with a fixed reference (``"pretrained"``, ``"average"``) the draws are sch
 that each batch gets one forward, serving every target layer that draws it
 (:func:`scheduled_node_mloss`; the same values as measuring draw by draw); the K experts'
 layer on the hooked inputs (K·S draws per target, K GEMMs each) is then the bulk of the
-work. Row thresholds are exact selections (:func:`row_thresholds`), and non-target entries
-run through :class:`~merging.methods.classic.TiesMerging` (``scope="tensor"``) or
-:class:`~merging.methods.classic.Dare`, the same maths with their fused kernels.
+work. The rates of every target are computed and checked with one host read
+(:func:`target_rates`), which also fetches each target's range of row keep counts; with it,
+the row thresholds of a target are one exact selection over all its rows
+(:func:`row_thresholds`: a few launches, no host read, however many distinct counts the rows
+take). Non-target entries run through :class:`~merging.methods.classic.TiesMerging`
+(``scope="tensor"``) or :class:`~merging.methods.classic.Dare`, the same maths with their
+fused kernels.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -77,18 +81,39 @@ Scale = Literal["rank", "robust", "log"]
 """How node M-Loss becomes a row scale in [0, 1] (Def. 3.6): ``"rank"`` is the authors' choice."""
 
 
-def _check_vector(m: Tensor, what: str) -> None:
+def _check_shape(m: Tensor, what: str) -> None:
     if m.dim() != 1 or m.numel() == 0:
         raise ValueError(f"{what} expects a non-empty 1-D node M-Loss vector, got shape {tuple(m.shape)}")
+
+
+def _check_vector(m: Tensor, what: str) -> None:
+    _check_shape(m, what)
     if not bool(torch.isfinite(m).all()):
         raise ValueError(f"{what}: the node M-Loss vector holds NaN or inf")
 
 
 def _min_max(x: Tensor) -> Tensor:
-    span = x.max() - x.min()
-    if span == 0:
-        return torch.zeros_like(x)
-    return (x - x.min()) / span
+    """(x − min) / (max − min), zeros for a constant vector (no host read)."""
+    low = x.min()
+    span = x.max() - low
+    return torch.where(span == 0, 0.0, (x - low) / span)
+
+
+def _rank(m: Tensor) -> Tensor:
+    d = m.numel()
+    ranks = torch.empty(d, dtype=torch.float64, device=m.device)
+    ranks[torch.argsort(m, stable=True)] = torch.arange(d, dtype=torch.float64, device=m.device)
+    return ranks / (d - 1) if d > 1 else ranks.zero_()
+
+
+def _robust(m: Tensor) -> Tensor:
+    x = m.to(torch.float64)
+    iqr = torch.quantile(x, 0.75) - torch.quantile(x, 0.25)
+    return torch.where(iqr == 0, 0.0, _min_max((x - torch.median(x)) / iqr))
+
+
+def _log(m: Tensor, eps: float = 1e-6) -> Tensor:
+    return _min_max(torch.log(m.to(torch.float64) + eps))
 
 
 def rank_scale(m: Tensor) -> Tensor:
@@ -102,10 +127,7 @@ def rank_scale(m: Tensor) -> Tensor:
         ``(d,)`` float.
     """
     _check_vector(m, "rank_scale")
-    d = m.numel()
-    ranks = torch.empty(d, dtype=torch.float64, device=m.device)
-    ranks[torch.argsort(m, stable=True)] = torch.arange(d, dtype=torch.float64, device=m.device)
-    return ranks / (d - 1) if d > 1 else ranks.zero_()
+    return _rank(m)
 
 
 def robust_scale(m: Tensor) -> Tensor:
@@ -121,11 +143,7 @@ def robust_scale(m: Tensor) -> Tensor:
         ``(d,)`` float64.
     """
     _check_vector(m, "robust_scale")
-    x = m.to(torch.float64)
-    iqr = torch.quantile(x, 0.75) - torch.quantile(x, 0.25)
-    if iqr == 0:
-        return torch.zeros_like(x)
-    return _min_max((x - torch.median(x)) / iqr)
+    return _robust(m)
 
 
 def log_scale(m: Tensor, eps: float = 1e-6) -> Tensor:
@@ -142,10 +160,23 @@ def log_scale(m: Tensor, eps: float = 1e-6) -> Tensor:
     _check_vector(m, "log_scale")
     if bool((m < 0).any()):
         raise ValueError("log_scale: node M-Loss values must be non-negative")
-    return _min_max(torch.log(m.to(torch.float64) + eps))
+    return _log(m, eps)
 
 
 SCALES: dict[str, Callable[[Tensor], Tensor]] = {"rank": rank_scale, "robust": robust_scale, "log": log_scale}
+
+_UNCHECKED_SCALES: dict[str, Callable[[Tensor], Tensor]] = {"rank": _rank, "robust": _robust, "log": _log}
+"""The scales without their input checks (no host read): :func:`target_rates` checks every
+layer's vector at once."""
+
+
+def _check_rate_arguments(density: float, spread: float, scale: str, owner: str) -> None:
+    if scale not in SCALES:
+        raise ValueError(f"{owner}: scale must be one of {sorted(SCALES)}, got {scale!r}")
+    if spread < 0 or density > 1 or density - spread < 0:
+        raise ValueError(
+            f"{owner}: need 0 <= density - spread and density <= 1, got density={density}, spread={spread}"
+        )
 
 
 def row_keep_rates(m: Tensor, density: float = 0.8, spread: float = 0.1, scale: Scale = "rank") -> Tensor:
@@ -165,12 +196,7 @@ def row_keep_rates(m: Tensor, density: float = 0.8, spread: float = 0.1, scale: 
     Raises:
         ValueError: rates outside [0, 1] (needs 0 ≤ k − e and k ≤ 1), or an unknown scale.
     """
-    if scale not in SCALES:
-        raise ValueError(f"row_keep_rates: scale must be one of {sorted(SCALES)}, got {scale!r}")
-    if spread < 0 or density > 1 or density - spread < 0:
-        raise ValueError(
-            f"row_keep_rates: need 0 <= density - spread and density <= 1, got density={density}, spread={spread}"
-        )
+    _check_rate_arguments(density, spread, scale, "row_keep_rates")
     return density - spread * SCALES[scale](m).to(torch.float64)
 
 
@@ -180,35 +206,124 @@ def row_keep_counts(rates: Tensor, row_length: int) -> Tensor:
     return counts.clamp_(0, row_length)
 
 
-def row_thresholds(magnitudes: Tensor, counts: Tensor) -> Tensor:
+def target_rates(
+    node: Mapping[str, Tensor],
+    row_lengths: Mapping[str, int],
+    density: float = 0.8,
+    spread: float = 0.1,
+    scale: Scale = "rank",
+) -> tuple[dict[str, Tensor], dict[str, tuple[int, int]]]:
+    """:func:`row_keep_rates` of every target layer, with one host read for all of them.
+
+    The read checks every node vector (finite; non-negative for ``"log"``) and fetches the
+    smallest and largest row keep count ⌊r_i · d_in⌋ of each layer, which
+    :func:`row_thresholds` needs to select every row's threshold at once. The rates are
+    those of :func:`row_keep_rates`, bit for bit.
+
+    Args:
+        node: ``{layer: node M-Loss (d_out,)}``.
+        row_lengths: ``{layer: d_in}`` (entries per row of the layer's weight).
+        density, spread, scale: as :func:`row_keep_rates`.
+
+    Returns:
+        ``({layer: rates (d_out,)}, {layer: (min count, max count)})``.
+
+    Raises:
+        ValueError: as :func:`row_keep_rates`, naming the layer whose vector is not finite
+            (or, for ``"log"``, negative).
+    """
+    _check_rate_arguments(density, spread, scale, "mties")
+    if not node:
+        return {}, {}
+    rates: dict[str, Tensor] = {}
+    values = []  # per layer: min count, max count; then whether any vector is invalid
+    for name, m in node.items():
+        _check_shape(m, f"mties: layer {name!r}")
+        rates[name] = density - spread * _UNCHECKED_SCALES[scale](m).to(torch.float64)
+        values.extend(torch.aminmax(row_keep_counts(rates[name], row_lengths[name])))
+    every = torch.cat([m.reshape(-1) for m in node.values()])
+    invalid = torch.isfinite(every).logical_not_()
+    if scale == "log":
+        invalid.logical_or_(every < 0)
+    values.append(invalid.any())
+    *counts, bad = torch.stack(values).tolist()  # the one host read
+    if bad:
+        for name, m in node.items():
+            if not bool(torch.isfinite(m).all()) or (scale == "log" and bool((m < 0).any())):
+                what = "is negative or holds NaN or inf" if scale == "log" else "holds NaN or inf"
+                raise ValueError(f"mties: the node M-Loss vector of {name!r} {what}")
+    return rates, {name: (counts[2 * i], counts[2 * i + 1]) for i, name in enumerate(node)}
+
+
+SELECTION_BLOCK: dict[str, int] = {"cpu": 1 << 18}
+"""Padded magnitudes per row-threshold selection, by device type (:func:`row_thresholds`):
+cache-sized blocks of rows on the CPU (a selection over a whole ViT-B fc1 weight runs out
+of cache there, about 1.2x slower); other device types select up to
+:data:`DEFAULT_SELECTION_BLOCK` values at once, a whole weight of most models (a few
+launches per weight). The blocks change the cost, not the thresholds."""
+
+DEFAULT_SELECTION_BLOCK = 1 << 26
+
+
+def count_bounds(counts: Tensor) -> tuple[int, int]:
+    """(min, max) of keep counts: one host read."""
+    if counts.numel() == 0:
+        return 0, 0
+    low, high = torch.stack(list(torch.aminmax(counts))).tolist()
+    return low, high
+
+
+def row_thresholds(magnitudes: Tensor, counts: Tensor, bounds: tuple[int, int] | None = None) -> Tensor:
     """Per expert and row, the n_i-th largest magnitude: the row's top-k threshold.
 
-    Exact, by selection instead of a sort: rows sharing a count are gathered and one
-    ``kthvalue`` (a linear-time selection) serves them all; M-TIES's rates take at most
-    e·d_in + 1 distinct counts.
+    Exact, by one selection for every row instead of one per distinct count. With the
+    counts in [lo, hi] (lo ≥ 1; rows with n_i = 0 get +inf), each row is padded with
+    hi − lo values: n_i − lo of them −inf and the rest +inf, so that the (d_in − lo + 1)-th
+    smallest value of the padded row is the n_i-th largest of the row itself (or, when hi is
+    the smaller rank, hi − n_i of them +inf and the rest −inf, so that the hi-th largest
+    is). One ``topk`` (unsorted) and its max (min) select it. The result is a value of the
+    row, so the thresholds are those of a sort, bit for bit. No host read when ``bounds``
+    is given; a few launches per block of :data:`SELECTION_BLOCK` values, however many
+    distinct counts the rows take.
 
     Args:
         magnitudes: |τ| ``(K, d_out, d_in)``.
         counts: n_i ``(d_out,)`` in [0, d_in].
+        bounds: (min, max) of ``counts`` when the caller knows them (:func:`target_rates`);
+            None reads them (one host read). Bounds that do not hold every count give wrong
+            thresholds.
 
     Returns:
         ``(K, d_out, 1)``; ``+inf`` for rows with n_i = 0 (nothing kept).
     """
     num, d_out, row_length = magnitudes.shape
-    thresholds = torch.empty(num, d_out, 1, dtype=magnitudes.dtype, device=magnitudes.device)
-    values, groups = torch.unique(counts, return_inverse=True)
-    order = torch.argsort(groups, stable=True)
-    sizes = torch.bincount(groups, minlength=values.numel()).tolist()
-    for count, rows in zip(values.tolist(), order.split(sizes)):
-        if count == 0:
-            thresholds[:, rows] = math.inf
-        else:
-            selected = magnitudes.index_select(1, rows).kthvalue(row_length - count + 1, dim=2, keepdim=True)
-            thresholds[:, rows] = selected.values
-    return thresholds
+    low, high = count_bounds(counts) if bounds is None else bounds
+    if high <= 0 or d_out == 0 or num == 0:
+        return torch.full((num, d_out, 1), math.inf, dtype=magnitudes.dtype, device=magnitudes.device)
+    low = max(low, 1)  # rows with n_i = 0 are selected at n_i = low, then set to +inf
+    pad = high - low
+    # The padded rank from the smaller end: the k smallest or the k largest values.
+    smallest = row_length - low + 1 < high
+    k = row_length - low + 1 if smallest else high
+    # n_i − low values −inf (smallest) or high − n_i values +inf (largest) ahead of the rest.
+    fronts = (counts.clamp(min=low) - low) if smallest else (high - counts.clamp(min=low))
+    front, back = (-math.inf, math.inf) if smallest else (math.inf, -math.inf)
+    positions = torch.arange(pad, device=magnitudes.device)
+    fill = torch.where(positions < fronts.unsqueeze(1), front, back).to(magnitudes.dtype)  # (d_out, pad)
+    limit = SELECTION_BLOCK.get(magnitudes.device.type, DEFAULT_SELECTION_BLOCK)
+    rows = max(1, limit // (num * (row_length + pad)))
+    parts = []
+    for start in range(0, d_out, rows):
+        block = magnitudes[:, start : start + rows]
+        if pad:
+            block = torch.cat([block, fill[start : start + rows].expand(num, -1, -1)], dim=2)
+        selected = block.topk(k, dim=2, largest=not smallest, sorted=False).values
+        parts.append(selected.amax(dim=2, keepdim=True) if smallest else selected.amin(dim=2, keepdim=True))
+    thresholds = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return thresholds.masked_fill_((counts == 0).view(1, -1, 1), math.inf)
 
 
-def rowwise_topk_trim(tau: Tensor, rates: Tensor) -> Tensor:
+def rowwise_topk_trim(tau: Tensor, rates: Tensor, bounds: tuple[int, int] | None = None) -> Tensor:
     """Keep, in each row i of each expert's task vector, the ⌊r_i · d_in⌋ largest |τ|.
 
     Every entry with |τ| ≥ the row's n_i-th largest magnitude survives (ties kept, so a
@@ -218,6 +333,8 @@ def rowwise_topk_trim(tau: Tensor, rates: Tensor) -> Tensor:
     Args:
         tau: τ of one weight for K experts, ``(K, d_out, *row_shape)``.
         rates: r ``(d_out,)`` in [0, 1].
+        bounds: (min, max) of the keep counts ⌊r_i · d_in⌋ when known
+            (:func:`target_rates`); None reads them (one host read).
 
     Returns:
         The trimmed τ, same shape.
@@ -231,7 +348,7 @@ def rowwise_topk_trim(tau: Tensor, rates: Tensor) -> Tensor:
     flat = tau.reshape(num, d_out, -1)
     counts = row_keep_counts(rates, flat.shape[2]).to(tau.device)
     magnitudes = flat.abs()
-    thresholds = row_thresholds(magnitudes, counts)
+    thresholds = row_thresholds(magnitudes, counts, bounds)
     # A float 0/1 mask written over the magnitudes (bool masks are slower on the CPU).
     keep = torch.ge(magnitudes, thresholds, out=magnitudes)
     return (flat * keep).reshape(tau.shape)
@@ -346,11 +463,14 @@ class MTiesContext:
         merged: the whole merge when it was made during the pass (``reference="incremental"``),
             else None.
         others: the context of the method merging the non-target entries.
+        bounds: ``{target weight key: (min, max) row keep count}`` (read with the rates, so
+            that the row thresholds need no host read); a key without bounds reads its own.
     """
 
     rates: dict[str, Tensor]
     merged: dict[str, Tensor] | None
     others: Any
+    bounds: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @register_method
@@ -467,7 +587,8 @@ class MTiesMerging(MergeMethod):
         self._node_mloss = {}
         if self.reference != "incremental":
             self._node_mloss = scheduled_node_mloss(meter, list(targets.values()), batches, draws, _length(data))
-            return MTiesContext(rates=self._rates(targets), merged=None, others=others)
+            rates, bounds = self._rates(targets, base)
+            return MTiesContext(rates=rates, merged=None, others=others, bounds=bounds)
 
         # Incremental: merge in state-dict order; each target is measured on θ₀ with every
         # earlier entry already merged (one forward per draw: the reference changes).
@@ -480,8 +601,8 @@ class MTiesMerging(MergeMethod):
             if key in targets:
                 name = targets[key]
                 self._node_mloss[name] = self._node_mloss_of(meter, name, cycled, draws, current)
-            rates = self._rates({key: targets[key]}) if key in targets else {}
-            context = MTiesContext(rates=rates, merged=None, others=others)
+            rates, bounds = self._rates({key: targets[key]}, base) if key in targets else ({}, {})
+            context = MTiesContext(rates=rates, merged=None, others=others, bounds=bounds)
             merged[key] = self.merge_entry(key, [e[key] for e in experts], base[key], context)
             current[key] = merged[key]
         return MTiesContext(rates={}, merged=merged, others=others)
@@ -504,11 +625,13 @@ class MTiesMerging(MergeMethod):
             raise ValueError(f"mties: layer {name!r} was never reached by a forward pass on the data")
         return torch.stack(vectors).mean(dim=0)
 
-    def _rates(self, targets: Mapping[str, str]) -> dict[str, Tensor]:
-        return {
-            key: row_keep_rates(self._node_mloss[name], self.density, self.spread, self.scale)
-            for key, name in targets.items()
-        }
+    def _rates(
+        self, targets: Mapping[str, str], base: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, tuple[int, int]]]:
+        """Row rates and count bounds of the target weights ``{key: layer}``: one host read."""
+        node = {key: self._node_mloss[name] for key, name in targets.items()}
+        row_lengths = {key: base[key].numel() // max(base[key].shape[0], 1) for key in targets}
+        return target_rates(node, row_lengths, self.density, self.spread, self.scale)
 
     def merge_entry(self, key: str, values: Sequence[Tensor], base: Tensor | None, context: MTiesContext) -> Tensor:
         """One entry: a target weight row by row (:meth:`merge_tensor`), any other floating
@@ -524,15 +647,18 @@ class MTiesMerging(MergeMethod):
 
     def merge_tensor(self, key: str, experts: Tensor, base: Tensor | None, context: MTiesContext) -> Tensor:
         """θ₀ + λ · disjoint_mean(elect(row-wise trimmed τ)) of a target weight."""
-        trimmed = rowwise_topk_trim(experts.sub_(base), context.rates[key])
+        trimmed = rowwise_topk_trim(experts.sub_(base), context.rates[key], context.bounds.get(key))
         thresholds = torch.zeros(trimmed.shape[0], dtype=trimmed.dtype, device=trimmed.device)
         return base + self.scaling * ties_disjoint_merge(trimmed, thresholds)
 
 
 __all__ = [
+    "DEFAULT_SELECTION_BLOCK",
     "SCALES",
+    "SELECTION_BLOCK",
     "MTiesContext",
     "MTiesMerging",
+    "count_bounds",
     "log_scale",
     "rank_scale",
     "robust_scale",
@@ -541,4 +667,5 @@ __all__ = [
     "row_thresholds",
     "rowwise_topk_trim",
     "scheduled_node_mloss",
+    "target_rates",
 ]
