@@ -136,7 +136,7 @@ def global_magnitude_thresholds(
             flat_base = base[key].reshape(-1)
             flats = [e[key].reshape(-1) for e in experts]
             numel = flat_base.numel()
-            step = _THRESHOLD_CHUNK if transform is None else numel
+            step = _THRESHOLD_CHUNK if transform is None else max(numel, 1)
             buffer = flat_base.new_empty(num_experts, min(step, numel), dtype=torch.float32)
             scratch = flat_base.new_empty(len(pending), min(step, numel), dtype=torch.float32)
             for start in range(0, numel, step):

@@ -530,6 +530,16 @@ def test_dare_hash_path_only_for_float32(fused, dtype, monkeypatch):
     assert merged["a.weight"].dtype == dtype
 
 
+def test_dare_ties_threshold_search_takes_an_empty_entry():
+    # DARE's global TIES trim reads whole entries; an empty one was a zero-sized slice step.
+    experts, base = random_states(3, seed=4)
+    base["empty"] = torch.zeros(0, 5)
+    for e in experts:
+        e["empty"] = torch.zeros(0, 5)
+    merged = get_method("dare", drop_rate=0.5, combine="ties", density=0.4).merge(experts, base)
+    assert merged["empty"].shape == (0, 5)
+
+
 def test_small_dare_merges_stay_on_the_torch_path(monkeypatch):
     marker = torch.tensor(-1.0)
     monkeypatch.setattr(_kernels, "dare_merge", lambda *args: marker)
