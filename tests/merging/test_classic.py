@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from merging import _multitensor
 from merging.methods import _kernels, available_methods, get_method
 from merging.methods.classic import (
     Dare,
@@ -42,11 +43,20 @@ def fused(monkeypatch):
     assert _kernels.available([torch.zeros(1)]), "numba kernels unavailable"
 
 
-@pytest.fixture(params=["fused", "torch"])
+@pytest.fixture(params=["fused", "torch", "multi"])
 def path(request, monkeypatch):
-    """Run a test on the fused CPU kernels (numba) and on the torch path."""
+    """Run a test on the fused CPU kernels (numba), on the torch path, and on the GPU's
+    multi-tensor path (forced on the CPU, in groups small enough that a test's tensors span
+    several groups and an entry several slices)."""
     if request.param == "torch":
         with _kernels.disabled():
+            yield request.param
+    elif request.param == "multi":
+        import merging.methods.topk as topk
+
+        monkeypatch.setattr(_multitensor, "GROUP_ENTRIES", 50)
+        monkeypatch.setattr(topk, "_SEARCH_ENTRIES", 3000)
+        with _multitensor.forced():
             yield request.param
     else:
         request.getfixturevalue("fused")
