@@ -3,13 +3,13 @@
 On a GPU each operator is at least one kernel launch (about 5 µs, whatever its size) and a
 read of a value on the host waits for every queued kernel. Walking a model entry by entry,
 and each entry in cache-sized slices (the CPU path, tuned for caches and the numba kernels),
-costs O(entries x slices x K) launches and a host read per entry: for ViT-B/32 about a
-hundred times the time the GPU needs to stream the bytes. Here the floating entries are
-instead split into a few *groups* (one dtype each, at most :data:`GROUP_ENTRIES` entries per
-expert; an entry larger than that is cut into flat slices), and every step of a merge is one
-``torch._foreach_*`` operator over a group's whole list of tensors (on CUDA it covers many
-tensors per launch), so a merge dispatches O(K x groups) operators, not O(entries); a value
-is read on the host a handful of times per merge, never per entry.
+costs O(entries x slices x K) launches and a host read per entry, and those, not the bytes
+the GPU streams, then set the time. Here the floating entries are split into a few *groups*
+(one dtype each, at most :data:`GROUP_ENTRIES` entries per expert; an entry larger than that
+is cut into flat slices), and every step of a merge is one ``torch._foreach_*`` operator over
+a group's whole list of tensors (on CUDA it covers many tensors per launch), so a merge
+dispatches O(K x groups) operators, not O(entries); a value is read on the host a handful of
+times per merge, never per entry.
 
 The path is chosen by the tensors' device (:func:`applies`): any device but the CPU. Inside
 :func:`forced` it runs on CPU tensors too (torch then runs each ``_foreach_`` operator

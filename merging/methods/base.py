@@ -21,8 +21,8 @@ walk is tuned for the CPU.
 On a GPU the same walk is slow for another reason: every operator is a kernel launch (about
 5 µs whatever its size) and every value read on the host (the finite check, the threshold
 search) waits for the device, so the walk's O(entries x slices x K) operators and per-entry
-host reads cost about a hundred times the memory traffic itself on ViT-B/32 (averaging 4
-experts: 12,528 operators and 720 host reads). So where the tensors are on any device but
+host reads, not the memory traffic, set its time (averaging 4 ViT-B/32-sized experts: 12,528
+operators and 720 host reads). So where the tensors are on any device but
 the CPU (:func:`merging._multitensor.applies`), :meth:`MergeMethod.merge` checks the values
 with one host read (:func:`merging.state.check_compatible`) and calls
 :meth:`MergeMethod.merge_multi` instead of the walk: averaging, task arithmetic, TIES (global

@@ -105,14 +105,16 @@ def _task_vector_multi(
     ``torch.rand`` per entry as on the per-entry path).
 
     Per group and expert: τ_j (one op; two for half precision), then the sum (one op, DARE's
-    drop included) or DARE's drop (one) and TIES's sums (eleven); then λ and θ₀ (two). The
+    drop included) or DARE's drop (one) and TIES's sums (ten); then λ and θ₀ (two). The
     arithmetic is the per-entry path's, in the same order. None where DARE's draws have no
     multi-tensor masks (see :func:`~merging.methods.dare.dare_divisors_multi`).
     """
     num_experts = len(experts)
     drop = dare is not None and dare.drop_rate > 0
-    # DARE holds K draws per entry of a group: its groups are K times smaller.
-    budget = _multitensor.GROUP_ENTRIES // num_experts if drop else _multitensor.GROUP_ENTRIES
+    # DARE holds K draws per entry of a group: at most four groups' worth (512 MB of float32).
+    budget = _multitensor.GROUP_ENTRIES
+    if drop:
+        budget = min(budget, 4 * budget // num_experts)
     outputs = _multitensor.Outputs(base, keys)
     below: dict[torch.dtype, Tensor] = {}
     for group in _multitensor.plan(keys, base, budget, split=not drop):

@@ -135,7 +135,7 @@ def trim_floors(thresholds: Tensor, dtype: torch.dtype) -> Tensor:
 class TiesSums:
     """:func:`ties_disjoint_merge` on the multi-tensor (GPU) path: the same four sums over the
     experts (S, A, C, P), each a list over a group of entries, accumulated one expert at a time
-    with ``torch._foreach_*`` ops (11 per expert, 9 more to finish), whatever the number of
+    with ``torch._foreach_*`` ops (10 per expert, 9 more to finish), whatever the number of
     entries. No foreach op compares, so the trim mask is ``sign(max(|τ| − below, 0))`` with
     ``below`` from :func:`trim_floors`: 1 exactly where ``|τ| ≥ floor`` (a float subtraction
     is zero only between equal values and has the sign of the exact difference). The sums
