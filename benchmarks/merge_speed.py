@@ -15,6 +15,12 @@ floor. DARE's ratio to averaging is printed next to its goal (3x on the CPU, 2x 
 On a GPU, averaging, task arithmetic and TIES (global) are also set against their goal of at
 most 10x their floor.
 
+Each method's "kernels" and "syncs" are what one merge on the GPU code path dispatches
+(:class:`merging._opcount.OpCounter`, in a merge outside the timed ones): operators that run
+a kernel (on a GPU, at least one launch each, a few microseconds whatever their size) and
+host-device synchronisations. On a GPU they are counted on the run's device; on a CPU run the
+GPU path is forced on the CPU tensors (:func:`merging._multitensor.forced`) at the same size.
+
 Run: ``make bench`` or ``python benchmarks/merge_speed.py [--experts 8] [--repeats 3]
 [--device cuda]``. Writes ``benchmarks/results/merge_speed.md`` (``merge_speed_<device>.md``
 for another device) and the figures as JSON beside it (``--json``) for the goal summary.
@@ -124,6 +130,7 @@ def run_one(label: str, num_experts: int, repeats: int, device: str = "cpu", toy
     peak_mb = peak_memory_mb(device)
     if peak_mb is None:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    count = gpu_path_count(method, experts, base, device)
     return {
         "method": label,
         "params": num_parameters(base),
@@ -132,7 +139,21 @@ def run_one(label: str, num_experts: int, repeats: int, device: str = "cpu", toy
         "inputs_mb": inputs_mb,
         "peak_mb": peak_mb,
         "threads": torch.get_num_threads(),
+        "kernels": count.kernel_total,
+        "syncs": count.sync_total,
     }
+
+
+def gpu_path_count(method, experts: list[dict], base: dict, device: str):
+    """What one merge on the GPU code path dispatches (an ``OpCounter``): on the run's device
+    when it is a GPU, else the GPU path forced on these CPU tensors."""
+    from merging import _multitensor
+    from merging._opcount import OpCounter
+
+    forced = _multitensor.forced() if device.split(":")[0] == "cpu" else contextlib.nullcontext()
+    with forced, OpCounter() as count:
+        method.merge(experts, base)
+    return count
 
 
 def table(rows: list[dict], args: argparse.Namespace, device_name: str, torch_version: str, bandwidth: float) -> str:
@@ -149,19 +170,30 @@ def table(rows: list[dict], args: argparse.Namespace, device_name: str, torch_ve
         f"{floor_bytes('average', params, args.experts) / 1e9:.2f} GB (K experts read, output written): "
         f"floor {avg_floor * 1e3:.2f} ms; the other methods also read the base."
     )
+    where = (
+        f"counted on {kind}"
+        if kind != "cpu"
+        else "counted on this CPU run, with that path forced on the same tensors: merging._multitensor.forced()"
+    )
+    header += (
+        f"\n\nkernels / syncs: what one merge on the GPU code path dispatches ({where}; "
+        "merging._opcount.OpCounter): operators that run a kernel (a torch._foreach_ operator counts once; "
+        "on CUDA it runs one launch per ~20M entries or ~30-110 tensors) and host-device syncs."
+    )
     peak = "peak CUDA memory (MB)" if kind == "cuda" else "peak RSS (MB)"
     lines = [
         header,
         "",
         f"| method | time (s) | time / average | time / floor | first call (s) | {peak} "
-        "| inputs (MB) | peak / inputs |",
-        "|---|---|---|---|---|---|---|---|",
+        "| inputs (MB) | peak / inputs | kernels | syncs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         floor = floor_bytes(r["method"], params, args.experts) / bandwidth
         lines.append(
             f"| {r['method']} | {r['seconds']:.3f} | {r['seconds'] / avg:.2f}x | {r['seconds'] / floor:.1f}x "
-            f"| {r['first']:.3f} | {r['peak_mb']:.0f} | {r['inputs_mb']:.0f} | {r['peak_mb'] / r['inputs_mb']:.2f} |"
+            f"| {r['first']:.3f} | {r['peak_mb']:.0f} | {r['inputs_mb']:.0f} | {r['peak_mb'] / r['inputs_mb']:.2f} "
+            f"| {r['kernels']} | {r['syncs']} |"
         )
     dare = next((r for r in rows if r["method"] == "dare (task arithmetic)"), None)
     if dare is not None:

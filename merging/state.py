@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from merging import _multitensor
+
 StateDict = dict[str, Tensor]
 
 
@@ -89,7 +91,9 @@ def check_compatible(
     Args:
         experts: the K expert state dicts θ_1..θ_K.
         base: the pretrained state dict θ₀, if any.
-        check_values: also scan every floating tensor for NaN/inf (one pass over the data).
+        check_values: also scan every floating tensor for NaN/inf (one pass over the data;
+            on a GPU, one host read for all of them, :func:`merging._multitensor.all_finite`,
+            and the key is looked for only when a value is not finite).
 
     Raises:
         StateDictError: naming the offending key and the state dict (file when known).
@@ -112,6 +116,11 @@ def check_compatible(
             raise StateDictError(
                 f"{name} does not match {ref_name}: {key_mismatch(sorted(ref_keys - keys), sorted(keys - ref_keys))}"
             )
+    # On the multi-tensor (GPU) path the values are checked after the structure, all at once
+    # with one host read (:func:`merging._multitensor.all_finite`), not one read per tensor.
+    batched = check_values and _multitensor.applies(
+        t for _, state in named for t in state.values() if isinstance(t, Tensor) and is_mergeable(t)
+    )
     for key in ref.keys():
         ref_t = ref[key]
         if not isinstance(ref_t, Tensor):
@@ -126,7 +135,11 @@ def check_compatible(
                 )
             if t.dtype != ref_t.dtype:
                 raise StateDictError(f"{name}: key {key!r} has dtype {t.dtype}, but {ref_name} has {ref_t.dtype}")
-        if check_values:
+        if check_values and not batched:
+            for name, state in named:
+                check_finite(state[key], key, name)
+    if batched and not _multitensor.all_finite([t for _, state in named for t in state.values() if is_mergeable(t)]):
+        for key in ref.keys():  # find the offending key, for the message
             for name, state in named:
                 check_finite(state[key], key, name)
 

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from merging import _multitensor
+
 # numba is a dependency; the torch path is kept for platforms without its wheels. It is
 # imported on first use (it loads LLVM: about 110 MB of resident memory).
 _HAVE_NUMBA = importlib.util.find_spec("numba") is not None
@@ -54,13 +56,12 @@ def available(tensors: Sequence[Tensor], total: int | None = None) -> bool:
     They do when numba is present and enabled, every tensor is a plain CPU float32 tensor
     (not a subclass such as a fake or distributed tensor, whose data numpy cannot read), and
     (when ``total``, the entries per expert of the whole merge, is given) the merge has at
-    least :data:`MIN_ENTRIES` entries. Tensors on any other device take the torch path.
+    least :data:`MIN_ENTRIES` entries. Tensors on any other device take the torch path, and
+    so does every merge inside :func:`merging._multitensor.forced` (the GPU path on the CPU).
     """
-    if total is not None and total < MIN_ENTRIES:
+    if (total is not None and total < MIN_ENTRIES) or _multitensor.is_forced():
         return False
-    return _enabled and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and type(t) in _PLAIN for t in tensors
-    )
+    return _enabled and all(t.device.type == "cpu" and t.dtype == torch.float32 and type(t) in _PLAIN for t in tensors)
 
 
 @contextlib.contextmanager
@@ -165,7 +166,6 @@ def ties_merge(values: Sequence[Tensor], base: Tensor, thresholds: Tensor, scali
     return torch.from_numpy(out).reshape(base.shape)
 
 
-
 def _splitmix64(x: int) -> int:
     """One step of splitmix64 (Steele, Lea, Flood 2014) on a Python int, mod 2⁶⁴."""
     x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
@@ -216,9 +216,7 @@ def dare_merge(values: Sequence[Tensor], base: Tensor, stream_seed: int, drop_ra
     if b.size:
         rescale = np.float32(1.0 / (1.0 - drop_rate))
         with _threads():
-            _compiled()._dare_kernel(
-                experts, b, lo, hi, dare_threshold(drop_rate), rescale, np.float32(scaling), out
-            )
+            _compiled()._dare_kernel(experts, b, lo, hi, dare_threshold(drop_rate), rescale, np.float32(scaling), out)
     return torch.from_numpy(out).reshape(base.shape)
 
 

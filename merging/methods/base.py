@@ -14,6 +14,26 @@ are not merged: they are copied from the base, or from the first expert without 
 Methods that need a pass over the whole model first (global thresholds, M-Loss
 statistics) compute it in :meth:`MergeMethod.prepare`. Peak memory is therefore the
 inputs, the output and a few per-entry buffers, never K flattened copies of the model.
+Elementwise methods hand :meth:`MergeMethod.merge_tensor` cache-sized slices of each entry,
+and CPU float32 TIES and DARE run fused numba loops (:mod:`merging.methods._kernels`): the
+walk is tuned for the CPU.
+
+On a GPU the same walk is slow for another reason: every operator is a kernel launch (about
+5 µs whatever its size) and every value read on the host (the finite check, the threshold
+search) waits for the device, so the walk's O(entries x slices x K) operators and per-entry
+host reads, not the memory traffic, set its time (averaging 4 ViT-B/32-sized experts: 12,528
+operators and 720 host reads). So where the tensors are on any device but
+the CPU (:func:`merging._multitensor.applies`), :meth:`MergeMethod.merge` checks the values
+with one host read (:func:`merging.state.check_compatible`) and calls
+:meth:`MergeMethod.merge_multi` instead of the walk: averaging, task arithmetic, TIES (global
+scope) and DARE run each step as one ``torch._foreach_*`` operator over groups of entries
+(:mod:`merging._multitensor`; one dtype and up to 32M entries per expert each), so a merge
+dispatches O(K) operators per group and reads the host a few times in all (averaging the same
+4 experts: 17 operators and 1 host read), with the walk's results (the same arithmetic in the
+same order, except a weighted average's products, fused into its sums). Its peak memory is
+the inputs, the output and a few group-sized buffers. The other methods walk the entries on
+every device (on a GPU, whole entries rather than slices). ``merging._multitensor.forced()``
+runs the GPU path on CPU tensors, for the tests and for counting its launches on a CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +46,7 @@ from typing import Any, ClassVar, Self
 import torch
 from torch import Tensor, nn
 
+from merging import _multitensor
 from merging.state import (
     StateDict,
     accumulation_dtype,
@@ -79,11 +100,52 @@ class MergeMethod(ABC):
         self.check_inputs(experts, base, model, data)
         check_compatible(experts, base)
         context = self.prepare(experts, base, model=model, data=data)
-        merged: StateDict = {}
-        for key in experts[0].keys():
-            values = [e[key] for e in experts]
-            merged[key] = self.merge_entry(key, values, base[key] if base is not None else None, context)
+        merged = self._merge_multi_tensor(experts, base, context)
+        if merged is None:
+            merged = {}
+            for key in experts[0].keys():
+                values = [e[key] for e in experts]
+                merged[key] = self.merge_entry(key, values, base[key] if base is not None else None, context)
         return self.finish(merged, context, experts, model=model, data=data)
+
+    def _merge_multi_tensor(
+        self, experts: list[Mapping[str, Tensor]], base: Mapping[str, Tensor] | None, context: Any
+    ) -> StateDict | None:
+        """The whole merge on the multi-tensor path (:mod:`merging._multitensor`), where the
+        tensors' device selects it and the method has one (:meth:`merge_multi`); else None."""
+        states = [*experts, base] if base is not None else experts
+        if not _multitensor.applies(t for s in states for t in s.values() if is_mergeable(t)):
+            return None
+        keys = [key for key, value in experts[0].items() if is_mergeable(value)]
+        floats = self.merge_multi(experts, base, keys, context)
+        if floats is None:
+            return None
+        source = base if base is not None else experts[0]
+        others = [key for key in experts[0].keys() if key not in floats]
+        copies = dict(zip(others, _multitensor.clones([source[key] for key in others])))
+        return {key: floats[key] if key in floats else copies[key] for key in experts[0].keys()}
+
+    def merge_multi(
+        self,
+        experts: Sequence[Mapping[str, Tensor]],
+        base: Mapping[str, Tensor] | None,
+        keys: Sequence[str],
+        context: Any,
+    ) -> StateDict | None:
+        """The floating entries ``keys`` merged on the multi-tensor (GPU) path, or None when
+        the method has none (then :meth:`merge` walks the entries, :meth:`merge_entry`).
+
+        Called by :meth:`merge` instead of the per-entry walk when the tensors are on a GPU
+        (any device but the CPU; on the CPU inside :func:`merging._multitensor.forced`): an
+        implementation runs each step as one ``torch._foreach_*`` operator over groups of
+        entries (:func:`merging._multitensor.plan`), so a merge dispatches O(K) operators per
+        group instead of O(K) per entry and slice, and reads no value on the host per entry.
+        Its results equal :meth:`merge_entry`'s up to float rounding. Default: None.
+
+        Returns:
+            key -> merged value (the experts' shape and dtype) for every key of ``keys``.
+        """
+        return None
 
     def finish(
         self,
@@ -121,6 +183,8 @@ class MergeMethod(ABC):
         if not is_mergeable(first):
             return (base if base is not None else first).clone()
         chunk = self.chunk_size()
+        if chunk is not None and (first.device.type != "cpu" or _multitensor.is_forced()):
+            chunk = max(first.numel(), 1)  # slices pay off in CPU caches; on a GPU they cost launches
         if chunk is not None:
             return self._merge_chunked(key, [first, *(values[j] for j in range(1, len(values)))], base, context, chunk)
         acc = accumulation_dtype(first.dtype)
@@ -211,9 +275,7 @@ class MergeMethod(ABC):
     def hparam_names(cls) -> tuple[str, ...]:
         """The names of this method's hyperparameters: its ``__init__`` arguments."""
         params = inspect.signature(cls.__init__).parameters.values()
-        return tuple(
-            p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        )
+        return tuple(p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
 
     def with_hparams(self, **changes: Any) -> Self:
         """A new method of the same class with some hyperparameters changed (e.g. the λ of a

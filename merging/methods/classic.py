@@ -13,7 +13,11 @@ output on the input device. The result is the same on every device up to float r
 device type (and, for CPU float32 merges on the numba kernels, by a hash: see
 :class:`Dare`'s ``rng``). CPU float32 TIES and DARE of large models run fused numba kernels
 (:mod:`merging.methods._kernels`, one dispatch: :func:`~merging.methods._kernels.available`);
-every other device and dtype takes the torch path, which computes the same thing.
+every other device and dtype takes the torch path, which computes the same thing. On a GPU
+(any device but the CPU) averaging, task arithmetic, global TIES and DARE merge the whole
+model on the multi-tensor path instead of entry by entry (``merge_multi``: ``torch._foreach_*``
+operators over groups of entries, see :mod:`merging.methods.base`), with the torch path's
+arithmetic; DARE's masks there are the torch path's ``torch.rand`` draws.
 
 Papers:
     - Model soups, Wortsman et al., ICML 2022: https://arxiv.org/abs/2203.05482
@@ -27,24 +31,28 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from merging import _multitensor
 from merging._validation import check_choice, check_float, check_int, check_weights
 from merging.methods import _kernels
 from merging.methods.base import MergeMethod, register_method
-from merging.methods.dare import dare_drop, entry_generator, entry_seed
+from merging.methods.dare import dare_divisors_multi, dare_drop, entry_generator, entry_seed
 from merging.methods.ties import (
     TiesContext,
+    TiesSums,
     disjoint_mean,
     elect_sign,
     ties_context,
     ties_disjoint_merge,
     ties_thresholds,
+    trim_floors,
     trim_to_density,
 )
 from merging.methods.topk import global_magnitude_thresholds, keep_count, magnitude_threshold
-from merging.state import is_mergeable, mean_of_stack
+from merging.state import StateDict, accumulation_dtype, is_mergeable, mean_of_stack
 
 DEFAULT_CHUNK = 1 << 16
 """Entries per expert in one slice of an elementwise merge: K slices stay cache-sized."""
@@ -54,6 +62,98 @@ def _require_base(method: MergeMethod, base: Mapping[str, Tensor] | None) -> Map
     if base is None:
         raise ValueError(f"{method.name} needs base (the pretrained state dict θ₀), which was not given")
     return base
+
+
+def _average_multi(
+    experts: Sequence[Mapping[str, Tensor]], keys: Sequence[str], weights: list[float] | None
+) -> StateDict:
+    """Σ_j w_j θ_j on the multi-tensor path: per group, K ops (the plain mean: sum in expert
+    order, then divide by K, as ``mean(dim=0)`` on the CPU), plus one copy per expert for
+    half-precision experts (summed in float32)."""
+    outputs = _multitensor.Outputs(experts[0], keys)
+    for group in _multitensor.plan(keys, experts[0]):
+        values = [_multitensor.views(e, group) for e in experts]
+        acc = accumulation_dtype(values[0][0].dtype)
+        if weights is not None:
+            total = torch._foreach_mul(_multitensor.in_dtype(values[0], acc), weights[0])
+            for w, value in zip(weights[1:], values[1:]):
+                torch._foreach_add_(total, _multitensor.in_dtype(value, acc), alpha=w)
+        else:
+            if len(values) > 1 and values[0][0].dtype == acc:
+                total = torch._foreach_add(values[0], values[1])
+                rest = values[2:]
+            else:
+                total, rest = _multitensor.fresh(values[0], acc), values[1:]
+            for value in rest:
+                torch._foreach_add_(total, _multitensor.in_dtype(value, acc))
+            torch._foreach_div_(total, float(len(values)))
+        outputs.put(group, total)
+    return outputs.entries
+
+
+def _task_vector_multi(
+    experts: Sequence[Mapping[str, Tensor]],
+    base: Mapping[str, Tensor],
+    keys: Sequence[str],
+    scaling: float,
+    thresholds: Tensor | None = None,
+    dare: Dare | None = None,
+) -> StateDict | None:
+    """θ₀ + λ · combine(τ̃_1..τ̃_K) on the multi-tensor path: task arithmetic (the plain sum),
+    TIES (``thresholds``: :class:`~merging.methods.ties.TiesSums`), either after DARE's drop
+    (``dare``: the divisors of :func:`~merging.methods.dare.dare_divisors_multi`, from one
+    ``torch.rand`` per entry as on the per-entry path).
+
+    Per group and expert: τ_j (one op; two for half precision), then the sum (one op, DARE's
+    drop included) or DARE's drop (one) and TIES's sums (ten); then λ and θ₀ (two). The
+    arithmetic is the per-entry path's, in the same order. None where DARE's draws have no
+    multi-tensor masks (see :func:`~merging.methods.dare.dare_divisors_multi`).
+    """
+    num_experts = len(experts)
+    drop = dare is not None and dare.drop_rate > 0
+    # DARE holds K draws per entry of a group: at most four groups' worth (512 MB of float32).
+    budget = _multitensor.GROUP_ENTRIES
+    if drop:
+        budget = min(budget, 4 * budget // num_experts)
+    outputs = _multitensor.Outputs(base, keys)
+    below: dict[torch.dtype, Tensor] = {}
+    for group in _multitensor.plan(keys, base, budget, split=not drop):
+        flat_base = _multitensor.views(base, group)
+        acc = accumulation_dtype(flat_base[0].dtype)
+        base_acc = _multitensor.in_dtype(flat_base, acc)
+        divisors = None
+        if drop:
+            shapes = [base[p.key].shape for p in group]
+            divisors = dare_divisors_multi(
+                [p.key for p in group], shapes, num_experts, dare.seed, dare.drop_rate, base_acc[0].device, acc
+            )
+            if divisors is None:
+                return None
+        if thresholds is not None and acc not in below:
+            below[acc] = trim_floors(thresholds, acc)
+        sums = TiesSums(below[acc]) if thresholds is not None else None
+        total = None
+        for j, expert in enumerate(experts):
+            tau = _multitensor.task_vectors(_multitensor.views(expert, group), flat_base, base_acc, acc)
+            divisor = [d[j] for d in divisors] if divisors is not None else None
+            if sums is not None:
+                if divisor is not None:
+                    torch._foreach_div_(tau, divisor)  # τ · keep / (1 − p), as dare_drop
+                sums.add(tau, j)
+            elif total is None:
+                total = tau
+                if divisor is not None:
+                    torch._foreach_div_(total, divisor)
+            elif divisor is not None:
+                torch._foreach_addcdiv_(total, tau, divisor)
+            else:
+                torch._foreach_add_(total, tau)
+        if sums is not None:
+            total = sums.merged()
+        torch._foreach_mul_(total, scaling)
+        torch._foreach_add_(total, base_acc)
+        outputs.put(group, total)
+    return outputs.entries
 
 
 @register_method
@@ -85,6 +185,13 @@ class WeightAveraging(MergeMethod):
     def merge_tensor(self, key: str, experts: Tensor, base: Tensor | None, context: Tensor | None) -> Tensor:
         return mean_of_stack(experts, context)
 
+    def merge_multi(self, experts, base, keys, context) -> StateDict:
+        weights = None
+        if self.weights is not None:  # normalised on the host, rounded as the per-entry path's
+            total = sum(self.weights)
+            weights = [float(np.float32(w / total)) for w in self.weights]
+        return _average_multi(experts, keys, weights)
+
 
 @register_method
 class TaskArithmetic(MergeMethod):
@@ -108,6 +215,9 @@ class TaskArithmetic(MergeMethod):
         # Σ_j (θ_j − θ₀), not Σ_j θ_j − K·θ₀: the latter rounds at the scale of |θ|, which
         # for fine-tunes is hundreds of times |τ| (``experts`` is a scratch stack).
         return base + self.scaling * experts.sub_(base).sum(dim=0)
+
+    def merge_multi(self, experts, base, keys, context) -> StateDict:
+        return _task_vector_multi(experts, base, keys, self.scaling)
 
 
 @register_method
@@ -166,6 +276,12 @@ class TiesMerging(MergeMethod):
     def merge_tensor(self, key: str, experts: Tensor, base: Tensor | None, context: TiesContext) -> Tensor:
         tau = experts.sub_(base)
         return base + self.scaling * ties_disjoint_merge(tau, ties_thresholds(tau, self.density, context))
+
+    def merge_multi(self, experts, base, keys, context: TiesContext) -> StateDict | None:
+        thresholds = _multi_thresholds(self.density, context, base, keys, len(experts))
+        if thresholds is None:
+            return None  # per-tensor thresholds: the per-entry path
+        return _task_vector_multi(experts, base, keys, self.scaling, thresholds)
 
 
 @register_method
@@ -261,6 +377,26 @@ class Dare(MergeMethod):
         if self.combine == "task_arithmetic":
             return base + self.scaling * tau.sum(dim=0)
         return base + self.scaling * ties_disjoint_merge(tau, ties_thresholds(tau, self.density, context))
+
+    def merge_multi(self, experts, base, keys, context: TiesContext) -> StateDict | None:
+        """Masks drawn with ``torch.rand`` per entry (whatever ``rng``: the hash draws are the
+        CPU kernels'), the rest as task arithmetic or TIES on the multi-tensor path."""
+        thresholds = None
+        if self.combine == "ties":
+            thresholds = _multi_thresholds(self.density, context, base, keys, len(experts))
+            if thresholds is None:
+                return None
+        return _task_vector_multi(experts, base, keys, self.scaling, thresholds, dare=self)
+
+
+def _multi_thresholds(
+    density: float, context: TiesContext, base: Mapping[str, Tensor], keys: Sequence[str], num_experts: int
+) -> Tensor | None:
+    """TIES's ``(K,)`` trim thresholds for the multi-tensor path: 0 at density 1 (every non-zero
+    entry kept), the global ones, or None for per-tensor thresholds (not multi-tensor)."""
+    if density >= 1.0:
+        return torch.zeros(num_experts, device=base[keys[0]].device) if keys else None
+    return context.thresholds
 
 
 __all__ = [

@@ -22,9 +22,13 @@ streamed merge draws what an in-memory one does:
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from merging import _multitensor
 
 
 def dare_drop(tau: Tensor, drop_rate: float, generator: torch.Generator) -> Tensor:
@@ -46,6 +50,47 @@ def dare_drop(tau: Tensor, drop_rate: float, generator: torch.Generator) -> Tens
     return tau * keep / (1.0 - drop_rate)
 
 
+def dare_divisors_multi(
+    keys: Sequence[str],
+    shapes: Sequence[torch.Size],
+    num_experts: int,
+    seed: int,
+    drop_rate: float,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[Tensor] | None:
+    """:func:`dare_drop`'s masks for some entries on the multi-tensor (GPU) path, as divisors:
+    ``(K, numel)`` per entry, ``1 − p`` where an entry is kept and ±inf where it is dropped, so
+    that ``τ / divisor`` is ``τ · keep / (1 − p)`` (a dropped value becomes a zero, the kept ones
+    are divided as :func:`dare_drop` divides them).
+
+    The draws are :func:`dare_drop`'s: one ``torch.rand`` per entry with :func:`entry_generator`.
+    Four ``torch._foreach_*`` ops over all of them make the divisors: no foreach op compares,
+    so ``u ≥ p`` is ``ceil(u − below)`` with ``below`` the largest value of the draws' dtype
+    under p (as ``>=`` rounds it; u − below is in (−1, 1) and zero only where u = below), then
+    1/that (1 or ±inf) times 1 − p in ``dtype`` (the task vectors': 1 − p rounds as there).
+    None where the draws' dtype has no such value on the host (not float16/32/64): the caller
+    then takes the per-entry path.
+    """
+    host = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}.get(
+        torch.get_default_dtype()
+    )
+    if host is None:
+        return None
+    below = float(np.nextafter(host(drop_rate), host(-np.inf)))
+    draws = [
+        torch.rand((num_experts, *shape), generator=entry_generator(seed, key, device), device=device)
+        for key, shape in zip(keys, shapes)
+    ]
+    torch._foreach_sub_(draws, below)
+    torch._foreach_ceil_(draws)  # 1 where u ≥ p, else ±0
+    if draws and draws[0].dtype != dtype:
+        draws = _multitensor.fresh(draws, dtype)
+    torch._foreach_reciprocal_(draws)
+    torch._foreach_mul_(draws, 1.0 - drop_rate)
+    return [d.view(num_experts, -1) for d in draws]
+
+
 def entry_generator(seed: int, key: str, device: torch.device | str | None = None) -> torch.Generator:
     """A generator seeded by (seed, key): the same entry gets the same draw whatever the
     order or subset of entries merged (streamed merges, two-pass global methods).
@@ -65,4 +110,4 @@ def entry_seed(seed: int, key: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63)
 
 
-__all__ = ["dare_drop", "entry_generator", "entry_seed"]
+__all__ = ["dare_drop", "dare_divisors_multi", "entry_generator", "entry_seed"]

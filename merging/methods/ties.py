@@ -123,6 +123,64 @@ def ties_disjoint_merge(tau: Tensor, thresholds: Tensor) -> Tensor:
     return agreeing_sum.div_(agreeing_count).reshape(tau.shape[1:])
 
 
+def trim_floors(thresholds: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(K,)`` the largest values of ``dtype`` below each expert's trim floor (the threshold,
+    at least the smallest subnormal, as in :func:`ties_disjoint_merge`): |τ| is kept exactly
+    when it exceeds its expert's value (:class:`TiesSums`)."""
+    info = torch.finfo(dtype)
+    floor = thresholds.to(dtype).clamp(min=info.smallest_normal * info.eps)  # the smallest subnormal
+    return torch.nextafter(floor, torch.zeros_like(floor))
+
+
+class TiesSums:
+    """:func:`ties_disjoint_merge` on the multi-tensor (GPU) path: the same four sums over the
+    experts (S, A, C, P), each a list over a group of entries, accumulated one expert at a time
+    with ``torch._foreach_*`` ops (10 per expert, 9 more to finish), whatever the number of
+    entries. No foreach op compares, so the trim mask is ``sign(max(|τ| − below, 0))`` with
+    ``below`` from :func:`trim_floors`: 1 exactly where ``|τ| ≥ floor`` (a float subtraction
+    is zero only between equal values and has the sign of the exact difference). The sums
+    run in the same order as the torch path's, so the results are the same.
+
+    Args:
+        below: ``(K,)`` :func:`trim_floors` of the thresholds, in the group's dtype.
+    """
+
+    def __init__(self, below: Tensor) -> None:
+        self.below = below
+        self.total: list[Tensor] | None = None
+
+    def add(self, tau: list[Tensor], j: int) -> None:
+        """Add expert j's task vectors of the group (fresh tensors: trimmed in place)."""
+        keep = torch._foreach_abs(tau)
+        torch._foreach_add_(keep, self.below[j], alpha=-1)
+        torch._foreach_clamp_min_(keep, 0.0)
+        torch._foreach_sign_(keep)  # 1 where |τ| ≥ floor, else 0
+        torch._foreach_mul_(tau, keep)  # the trimmed values t_j
+        sign = torch._foreach_sign(tau)
+        if self.total is None:
+            self.total, self.count, self.balance = tau, keep, sign
+            self.mass = torch._foreach_abs(tau)
+            return
+        torch._foreach_add_(self.total, tau)
+        torch._foreach_add_(self.count, keep)
+        torch._foreach_add_(self.balance, sign)
+        torch._foreach_addcmul_(self.mass, tau, sign)  # + |t_j|
+
+    def merged(self) -> list[Tensor]:
+        """The disjoint means s·(|S| + A)/(C + s·P) (0 where no value agrees), in place."""
+        total, balance = self.total, self.balance
+        negative = torch._foreach_clamp_max(total, 0.0)
+        torch._foreach_sign_(negative)  # −1 where S < 0 (the elected sign s = 1 + 2·this), else 0
+        torch._foreach_abs_(total)
+        torch._foreach_add_(total, self.mass)
+        torch._foreach_addcmul_(total, total, negative, value=2.0)  # 2·Σ agreeing t_j = s·(|S| + A)
+        torch._foreach_addcmul_(balance, balance, negative, value=2.0)  # s·P
+        torch._foreach_add_(balance, self.count)
+        torch._foreach_clamp_min_(balance, 2.0)  # 2·#agreeing, ≥ 2
+        torch._foreach_div_(total, balance)
+        return total
+
+
 @dataclass(frozen=True)
 class TiesContext:
     """What a TIES merge computes over the whole model before merging entry by entry.
@@ -180,5 +238,7 @@ __all__ = [
     "ties_context",
     "ties_disjoint_merge",
     "ties_thresholds",
+    "trim_floors",
     "trim_to_density",
+    "TiesSums",
 ]

@@ -6,7 +6,9 @@ expert, the ⌊density · N⌋ entries of largest |τ_j|. The threshold is the n
 magnitude; everything here computes it exactly (ties at the threshold are then kept by the
 trim). The global search reads each tensor slice by slice; CPU float32 merges of large
 models scan with the fused numba loop (:func:`merging.methods._kernels.scan_bracket`),
-everything else with torch, on the tensors' device.
+everything else with torch, on the tensors' device. On a GPU it reads groups of entries
+instead (:func:`_multi_tensor_thresholds`): a few operators per group, a host read per group
+and per round instead of several per entry and slice, and the same thresholds.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from merging import _multitensor
 from merging.methods import _kernels
 from merging.state import accumulation_dtype
 
@@ -98,6 +101,8 @@ def global_magnitude_thresholds(
     n = keep_count(total, density)
     if n == 0 or total == 0:
         return torch.full((num_experts,), math.inf, device=device)
+    if _multitensor.applies([base[keys[0]]]):  # one tensor: the state dicts may read on access (streaming)
+        return _multi_tensor_thresholds(experts, base, keys, n, total, transform, sample_target)
 
     def magnitudes(key: str, flats: list[Tensor], flat_base: Tensor, start: int, stop: int, out: Tensor) -> Tensor:
         """|τ| of entries [start, stop) of one entry as float32 ``(K, stop − start)``."""
@@ -136,7 +141,7 @@ def global_magnitude_thresholds(
             flat_base = base[key].reshape(-1)
             flats = [e[key].reshape(-1) for e in experts]
             numel = flat_base.numel()
-            step = _THRESHOLD_CHUNK if transform is None else numel
+            step = _THRESHOLD_CHUNK if transform is None else max(numel, 1)
             buffer = flat_base.new_empty(num_experts, min(step, numel), dtype=torch.float32)
             scratch = flat_base.new_empty(len(pending), min(step, numel), dtype=torch.float32)
             for start in range(0, numel, step):
@@ -222,6 +227,153 @@ def _sample_bracket(
                 out[j] = within.kthvalue(rank - below).values
             else:  # the coarse bracket missed: select in the whole row
                 out[j] = row.kthvalue(rank).values
+    return lo, hi
+
+
+_SEARCH_ENTRIES = 1 << 27
+"""Magnitudes (all experts together) in one group of the multi-tensor search: 512 MB of float32
+and three boolean masks of a quarter of that (ViT-B/32, K = 4: three groups, three host reads)."""
+
+
+def _multi_tensor_thresholds(
+    experts: Sequence[Mapping[str, Tensor]],
+    base: Mapping[str, Tensor],
+    keys: Sequence[str],
+    n: int,
+    total: int,
+    transform: Callable[[str, Tensor], Tensor] | None,
+    sample_target: int,
+) -> Tensor:
+    """:func:`global_magnitude_thresholds` on the multi-tensor (GPU) path: the same bracket
+    and exact selection, with O(1) operators per group of entries instead of per entry and
+    slice, and host reads only where sizes depend on the data.
+
+    The sample is gathered with one ``cat`` per dtype and its order statistics selected over
+    all experts at once (:func:`_multi_tensor_bracket`). Each round of the pass then reads the
+    entries in groups (:func:`merging._multitensor.plan`) of ``(K, n)`` magnitudes: the counts
+    above the brackets, and the members (one ``nonzero``: one host read per group); the
+    thresholds of every expert are then selected on the device from the members sorted by
+    expert and magnitude, and one host read per round says whether a bracket missed (the
+    missed ones widen as in the per-entry search, and the round repeats). The thresholds are
+    the exact order statistics, equal to the per-entry search's.
+    """
+    num_experts = len(experts)
+    device = base[keys[0]].device
+    lo, hi = _multi_tensor_bracket(experts, base, keys, n, total, sample_target if transform is None else 0)
+    thresholds = torch.full((num_experts,), math.inf, device=device)
+    done = torch.zeros(num_experts, dtype=torch.bool, device=device)
+    missed = torch.zeros(num_experts, dtype=torch.bool, device=device)
+    groups = _multitensor.plan(keys, base, max(1, _SEARCH_ENTRIES // num_experts), split=transform is None)
+    while True:
+        above = torch.zeros(num_experts, dtype=torch.long, device=device)
+        lo_c, hi_c = lo.unsqueeze(1), hi.unsqueeze(1)
+        rows, values = [], []
+        for group in groups:
+            a = _group_magnitudes(experts, base, group, transform)
+            above += torch.gt(a, hi_c).sum(dim=1)
+            inside = torch.ge(a, lo_c).logical_and_(torch.le(a, hi_c))
+            where = inside.nonzero()  # the group's one host read: how many members
+            if where.shape[0]:
+                rows.append(where[:, 0])
+                values.append(a[where[:, 0], where[:, 1]])
+        rank = n - above  # the threshold is the rank-th largest member
+        counts = torch.zeros(num_experts, dtype=torch.long, device=device)
+        if values:
+            member_rows, members = (torch.cat(rows), torch.cat(values)) if len(rows) > 1 else (rows[0], values[0])
+            counts.index_add_(0, member_rows, torch.ones_like(member_rows))
+            # Members by expert, each expert's in decreasing magnitude (two stable sorts).
+            members, order = torch.sort(members, descending=True, stable=True)
+            order = torch.sort(member_rows[order], stable=True).indices
+            members = members[order]
+            start = counts.cumsum(0).sub_(counts)
+            picked = members[start.add(rank).sub_(1).clamp_(0, members.numel() - 1)]
+        else:
+            picked = thresholds
+        found = rank.ge(1).logical_and_(rank.le(counts))
+        thresholds = torch.where(found.logical_and(done.logical_not()), picked, thresholds)
+        done.logical_or_(found)
+        if bool(done.all()):  # the round's host read
+            return thresholds
+        # A missed bracket opens the side the n-th largest value fell beyond (a second miss
+        # opens both: the pass is then unfiltered and cannot miss).
+        miss = done.logical_not()
+        hi = hi.masked_fill(miss.logical_and(rank.lt(1).logical_or_(missed)), math.inf)
+        lo = lo.masked_fill(miss.logical_and(rank.ge(1).logical_or_(missed)), 0.0)
+        missed.logical_or_(miss)
+
+
+def _group_magnitudes(
+    experts: Sequence[Mapping[str, Tensor]],
+    base: Mapping[str, Tensor],
+    group: Sequence[_multitensor.Piece],
+    transform: Callable[[str, Tensor], Tensor] | None,
+) -> Tensor:
+    """``(K, n)`` float32 |τ| of a group's pieces (the magnitudes the per-entry search reads)."""
+    num_experts = len(experts)
+    if transform is not None:  # whole entries: the transform draws per entry
+        parts = []
+        for piece in group:
+            acc = accumulation_dtype(base[piece.key].dtype)
+            tau = torch.stack([e[piece.key] for e in experts]).to(acc).sub_(base[piece.key].to(acc))
+            parts.append(transform(piece.key, tau).reshape(num_experts, -1).abs_().float())
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    dtype = base[group[0].key].dtype
+    acc = accumulation_dtype(dtype)
+    stacked = torch.cat([v for e in experts for v in _multitensor.views(e, group)])
+    flat_base = _multitensor.views(base, group)
+    flat_base = torch.cat(flat_base) if len(flat_base) > 1 else flat_base[0]
+    if dtype != acc:
+        stacked, flat_base = stacked.to(acc), flat_base.to(acc)
+    a = stacked.view(num_experts, -1).sub_(flat_base).abs_()
+    return a if a.dtype == torch.float32 else a.float()
+
+
+def _multi_tensor_bracket(
+    experts: Sequence[Mapping[str, Tensor]],
+    base: Mapping[str, Tensor],
+    keys: Sequence[str],
+    n: int,
+    total: int,
+    sample_target: int,
+) -> tuple[Tensor, Tensor]:
+    """:func:`_sample_bracket` on the multi-tensor path: the same sample (the same runs of
+    every tensor, gathered by one ``cat`` per dtype) and the same two order statistics,
+    selected on the whole ``(K, m)`` sample at once (no host read)."""
+    num_experts = len(experts)
+    device = base[keys[0]].device
+    lo = torch.zeros(num_experts, device=device)
+    hi = torch.full((num_experts,), math.inf, device=device)
+    run = _SAMPLE_RUN
+    period = (total // sample_target) * run if sample_target > 0 else 0
+    if period <= run:
+        return lo, hi
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for key in keys:
+        if base[key].numel() // period:
+            by_dtype.setdefault(base[key].dtype, []).append(key)
+
+    def runs(state: Mapping[str, Tensor], key: str) -> Tensor:
+        whole = state[key].numel() // period * period
+        return state[key].reshape(-1)[:whole].view(-1, period)[:, :run]
+
+    pieces = []
+    for dtype, dtype_keys in by_dtype.items():
+        acc = accumulation_dtype(dtype)
+        sample = torch.cat([runs(e, key) for e in experts for key in dtype_keys]).to(acc)
+        flat_base = torch.cat([runs(base, key) for key in dtype_keys]).to(acc)
+        tau = sample.view(num_experts, -1, run).sub_(flat_base).abs_()
+        pieces.append(tau.view(num_experts, -1).float())
+    m = sum(p.shape[1] for p in pieces)
+    if m < 2 * run:
+        return lo, hi
+    sample = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+    q = 1.0 - n / total
+    margin = 4.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
+    lo_rank, hi_rank = math.floor((q - margin) * m), math.ceil((q + margin) * m)
+    if 1 <= lo_rank <= m:
+        lo = sample.kthvalue(lo_rank, dim=1).values
+    if 1 <= hi_rank <= m:
+        hi = sample.kthvalue(hi_rank, dim=1).values
     return lo, hi
 
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from merging import _multitensor
 from merging.methods import _kernels, available_methods, get_method
 from merging.methods.classic import (
     Dare,
@@ -42,11 +43,20 @@ def fused(monkeypatch):
     assert _kernels.available([torch.zeros(1)]), "numba kernels unavailable"
 
 
-@pytest.fixture(params=["fused", "torch"])
+@pytest.fixture(params=["fused", "torch", "multi"])
 def path(request, monkeypatch):
-    """Run a test on the fused CPU kernels (numba) and on the torch path."""
+    """Run a test on the fused CPU kernels (numba), on the torch path, and on the GPU's
+    multi-tensor path (forced on the CPU, in groups small enough that a test's tensors span
+    several groups and an entry several slices)."""
     if request.param == "torch":
         with _kernels.disabled():
+            yield request.param
+    elif request.param == "multi":
+        import merging.methods.topk as topk
+
+        monkeypatch.setattr(_multitensor, "GROUP_ENTRIES", 50)
+        monkeypatch.setattr(topk, "_SEARCH_ENTRIES", 3000)
+        with _multitensor.forced():
             yield request.param
     else:
         request.getfixturevalue("fused")
@@ -528,6 +538,16 @@ def test_dare_hash_path_only_for_float32(fused, dtype, monkeypatch):
     experts, base = random_states(2, dtype=dtype)
     merged = Dare(drop_rate=0.5).merge(experts, base)
     assert merged["a.weight"].dtype == dtype
+
+
+def test_dare_ties_threshold_search_takes_an_empty_entry():
+    # DARE's global TIES trim reads whole entries; an empty one was a zero-sized slice step.
+    experts, base = random_states(3, seed=4)
+    base["empty"] = torch.zeros(0, 5)
+    for e in experts:
+        e["empty"] = torch.zeros(0, 5)
+    merged = get_method("dare", drop_rate=0.5, combine="ties", density=0.4).merge(experts, base)
+    assert merged["empty"].shape == (0, 5)
 
 
 def test_small_dare_merges_stay_on_the_torch_path(monkeypatch):

@@ -21,6 +21,7 @@ on the experts' device, which the CUDA check covers.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from merging import _multitensor
+from merging._opcount import OpCounter
 from merging.datamodules import DigitsTasks
 from merging.io import load_state_dict, save_state_dict
 from merging.methods import available_methods, get_method
@@ -150,6 +153,22 @@ def test_merge_makes_no_tensor_without_a_device(case, tmp_path):
         assert torch.equal(got[key], value), key
 
 
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c[0] in ("average", "task_arithmetic", "ties", "dare")], ids=_case_id
+)
+def test_gpu_path_makes_no_tensor_without_a_device(case, tmp_path):
+    # The multi-tensor path a GPU takes, forced on the CPU tensors.
+    name, hparams = case
+    with _multitensor.forced():
+        want = _merge(name, hparams, tmp_path)
+        merge = _merger(name, hparams, tmp_path)
+        with default_device_meta():
+            got = merge()
+    for key, value in want.items():
+        assert got[key].device.type == "cpu", key
+        assert torch.equal(got[key], value), key
+
+
 def test_statistics_make_no_tensor_without_a_device():
     model = _model().eval()
     experts, base = _states(model)
@@ -245,6 +264,29 @@ def test_per_entry_maths_stays_on_the_fake_gpu():
         ]
         for out in outputs:
             assert out.device.type == "cuda"
+
+
+def test_gpu_path_stays_on_the_fake_gpu():
+    # The multi-tensor merges themselves (the finite check and the threshold search read
+    # values on the host, which fake tensors have none of).
+    with fake_cuda():
+        base = {"w": torch.randn(6, 5, device="cuda"), "b": torch.randn(6, device="cuda")}
+        experts = [{k: v + torch.randn(v.shape, device="cuda") for k, v in base.items()} for _ in range(K)]
+        half = [{k: v.to(torch.bfloat16) for k, v in e.items()} for e in experts]
+        half_base = {k: v.to(torch.bfloat16) for k, v in base.items()}
+        thresholds = torch.rand(K, device="cuda")
+        keys = list(base)
+        merged = []
+        for e, b in ((experts, base), (half, half_base)):
+            merged.append(WeightAveraging().merge_multi(e, b, keys, None))
+            merged.append(WeightAveraging(weights=[1.0, 2.0, 3.0]).merge_multi(e, b, keys, None))
+            merged.append(TaskArithmetic().merge_multi(e, b, keys, None))
+            context = TiesContext(thresholds=thresholds, entries=base["w"].numel())
+            merged.append(TiesMerging().merge_multi(e, b, keys, context))
+            merged.append(TiesMerging(density=1.0).merge_multi(e, b, keys, context))
+        for out in merged:
+            for key, value in out.items():
+                assert value.device.type == "cuda" and value.shape == base[key].shape, key
 
 
 # ------------------------------------------------------------------ MergedModule
@@ -346,6 +388,63 @@ def test_half_precision_experts_on_cuda():
             for key, value in want.items():
                 assert got[key].device.type == "cuda" and got[key].dtype == value.dtype
                 torch.testing.assert_close(got[key].cpu().float(), value.float(), rtol=1e-2, atol=1e-2)
+
+
+@contextlib.contextmanager
+def sync_debug(mode: str) -> Iterator[None]:
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def _many_entries(device: str, entries: int = 60) -> tuple[list[dict], dict]:
+    g = torch.Generator().manual_seed(0)
+    base = {f"layer.{i}.weight": torch.randn(32, 16, generator=g) for i in range(entries)}
+    experts = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(K)]
+    move = lambda s: {k: v.to(device) for k, v in s.items()}  # noqa: E731
+    return [move(e) for e in experts], move(base)
+
+
+@pytest.mark.cuda
+def test_gpu_merges_read_the_host_only_in_the_checks():
+    experts, base = _many_entries("cuda")
+    keys = list(base)
+    for name, hparams in (
+        ("average", {}),
+        ("task_arithmetic", {}),
+        ("ties", {}),
+        ("dare", {}),
+        ("dare", {"combine": "ties"}),
+    ):
+        method = get_method(name, **hparams)
+        context = method.prepare(experts, base)  # TIES's threshold search reads the host per group and round
+        torch.cuda.synchronize()
+        with sync_debug("error"):  # any synchronising operation raises
+            merged = method.merge_multi(experts, base, keys, context)
+        assert merged is not None and all(v.device.type == "cuda" for v in merged.values()), name
+    # A whole average merge: one host read (the finite check), as counted on the CPU.
+    with sync_debug("warn"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_method("average").merge(experts, base)
+    assert sum("synchronizing" in str(w.message) for w in caught) == 1, [str(w.message) for w in caught]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["average", "task_arithmetic", "ties", "dare"])
+def test_gpu_counts_match_the_forced_cpu_counts(name):
+    # The GPU takes the multi-tensor path by itself: the same operators as forced on the CPU.
+    counts = []
+    for device in ("cuda", "cpu"):
+        experts, base = _many_entries(device)
+        with _multitensor.forced() if device == "cpu" else contextlib.nullcontext(), OpCounter() as count:
+            get_method(name).merge(experts, base)
+        counts.append(count)
+    assert counts[0].kernels == counts[1].kernels and counts[0].syncs == counts[1].syncs, (
+        counts[0].summary(),
+        counts[1].summary(),
+    )
 
 
 @pytest.mark.cuda
