@@ -14,11 +14,12 @@ partial merge) is :func:`merging.state.weighted_average` and :func:`merging.stat
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from merging._multitensor import plan
 from merging.state import (
     StateDict,
     StateDictError,
@@ -31,7 +32,8 @@ from merging.state import (
 
 FOREACH_GROUP_ELEMENTS = 1 << 24
 """Entries averaged together by :func:`foreach_weighted_average`: their differences (16M
-elements, 64 MB in fp32) are held at once."""
+elements, 64 MB in fp32) are held at once (groups of :func:`merging._multitensor.plan`: one
+dtype each, an entry larger than this alone)."""
 
 
 def merge_weights(weights: Sequence[float] | Tensor | None, num_experts: int) -> Tensor:
@@ -72,7 +74,7 @@ def foreach_weighted_average(experts: Sequence[Mapping[str, Tensor]], alpha: Seq
     if len(experts) == 1:
         return out
     keys = [key for key, value in first.items() if is_mergeable(value)]
-    for group in _groups(keys, first):
+    for group in ([p.key for p in g] for g in plan(keys, first, FOREACH_GROUP_ELEMENTS, split=False)):
         anchor = [first[key].to(accumulation_dtype(first[key].dtype)) for key in group]
         total: list[Tensor] | None = None
         for a, expert in zip(alpha[1:], experts[1:]):
@@ -85,22 +87,6 @@ def foreach_weighted_average(experts: Sequence[Mapping[str, Tensor]], alpha: Seq
         for key, value in zip(group, total):
             out[key] = value.to(first[key].dtype)
     return out
-
-
-def _groups(keys: Sequence[str], state: Mapping[str, Tensor]) -> Iterator[list[str]]:
-    """``keys`` in order, cut into groups of at most :data:`FOREACH_GROUP_ELEMENTS` elements
-    (a larger entry alone)."""
-    group: list[str] = []
-    size = 0
-    for key in keys:
-        numel = state[key].numel()
-        if group and size + numel > FOREACH_GROUP_ELEMENTS:
-            yield group
-            group, size = [], 0
-        group.append(key)
-        size += numel
-    if group:
-        yield group
 
 
 def check_state_keys(model: nn.Module, state: Mapping[str, Tensor], owner: str) -> None:
