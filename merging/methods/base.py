@@ -38,6 +38,7 @@ runs the GPU path on CPU tensors, for the tests and for counting its launches on
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -55,6 +56,8 @@ from merging.state import (
 )
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}
+_DEFERRED: dict[str, str] = {}
+"""Method name -> the module that registers it when imported (:func:`register_deferred`)."""
 
 
 class MergeMethod(ABC):
@@ -314,12 +317,24 @@ def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"merge method name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
     _REGISTRY[cls.name] = cls
+    _DEFERRED.pop(cls.name, None)
     return cls
 
 
+def register_deferred(name: str, module: str) -> None:
+    """Make ``get_method(name)`` import ``module`` (which registers the method) on first use.
+
+    The research methods (M-TIES, MuDSC, NeuLig) import the M-Loss meter, the alignment
+    solvers and NeuLig's Portland: about 45 ms that a process merging with task arithmetic
+    or TIES need not pay (issue 20: a process's first merge, import included).
+    """
+    if name not in _REGISTRY:
+        _DEFERRED[name] = module
+
+
 def available_methods() -> list[str]:
-    """Names of every registered merge method, sorted."""
-    return sorted(_REGISTRY)
+    """Names of every registered merge method (deferred ones included), sorted."""
+    return sorted(set(_REGISTRY) | set(_DEFERRED))
 
 
 def get_method(name: str, **hparams: Any) -> MergeMethod:
@@ -332,6 +347,10 @@ def get_method(name: str, **hparams: Any) -> MergeMethod:
     Raises:
         ValueError: unknown name (the message lists the known ones).
     """
+    if name not in _REGISTRY and name in _DEFERRED:
+        importlib.import_module(_DEFERRED[name])
+        if name not in _REGISTRY:
+            raise RuntimeError(f"merge method {name!r}: importing {_DEFERRED[name]} did not register it")
     try:
         cls = _REGISTRY[name]
     except KeyError:
