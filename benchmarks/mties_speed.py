@@ -30,8 +30,9 @@ batches plus the K-expert fc1 GEMMs of every draw, the FLOPs M-TIES cannot avoid
 Kernels and host syncs per merge, the GPU's fixed costs, are counted on whatever device
 runs the benchmark (:class:`merging._opcount.OpCounter`: each kernel is at least one launch
 on a GPU, a few µs whatever its size; each sync drains the device queue) on the **GPU code
-path**: TIES's fused numba kernels (CPU float32 only) disabled
-(:func:`merging.methods._kernels.disabled`), M-TIES's row selections over whole weights
+path**: the multi-tensor path forced on this device's tensors
+(:func:`merging._multitensor.forced`: TIES's groups of entries, one host read for the finite
+check, the fused CPU-only numba kernels off), M-TIES's row selections over whole weights
 instead of the CPU's cache-sized blocks (``mties.SELECTION_BLOCK``). One extra merge per
 method, not timed; in all and for M-TIES's two phases of its own (the statistics with the
 rates, the row thresholds), with the syncs by operator.
@@ -80,9 +81,10 @@ from _common import (  # benchmarks/ is on sys.path when run as a script; puts t
 import merging.methods.classic as classic
 import merging.methods.mties as mties
 import merging.methods.ties as ties
+from merging import _multitensor
 from merging._opcount import OpCounter
 from merging.io import write_text_atomic
-from merging.methods import _kernels, get_method
+from merging.methods import get_method
 from merging.mloss import find_activation_layers
 
 FEW_LAYERS = [f"blocks.{i}.mlp.fc1" for i in (8, 9, 10)]
@@ -174,7 +176,7 @@ def counted_merge(method_name: str, hparams: dict[str, Any], experts, base, mode
 
     total = OpCounter()
     with (
-        _kernels.disabled(),
+        _multitensor.forced(),
         _patched(mties, "SELECTION_BLOCK", {}),
         _patched(mties, "row_thresholds", counted(mties.row_thresholds, "row")),
     ):
@@ -349,8 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"({counts[MTIES_RUN]['kernels']} / {counts[TIES_RUN]['kernels']}) and {sync_ratio:.2f}x host syncs "
         f"({counts[MTIES_RUN]['syncs']} / {counts[TIES_RUN]['syncs']}) per merge on the GPU code path.",
         "",
-        "Kernels and host syncs per merge, GPU code path (TIES's numba kernels disabled, M-TIES's row "
-        "selections over whole weights), counted with `merging._opcount.OpCounter` on this device:",
+        "Kernels and host syncs per merge, GPU code path (`merging._multitensor.forced()`: the numba kernels "
+        "off, M-TIES's row selections over whole weights), counted with `merging._opcount.OpCounter` on this device:",
         "",
         "| method | kernels | syncs | M-Loss statistics + rates: kernels / syncs | row thresholds: kernels / syncs "
         "| syncs by operator |",
